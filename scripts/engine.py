@@ -1,0 +1,226 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""The distillation engine: a MONAI ``SupervisedTrainer`` that trains a 2D student against a frozen 3D teacher."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from torch import nn
+
+__all__ = ["load_teacher", "TeacherOutputCache", "DistillationTrainer", "loss_terms"]
+
+TEACHER_TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train_teacher.json"
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(network, "module") and isinstance(network.module, nn.Module):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def load_teacher(teacher: nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a teacher state dict, freeze it and put it in eval mode.
+
+    Raises:
+        FileNotFoundError: when ``checkpoint`` does not exist; the message gives the command that trains it.
+        ValueError: when the checkpoint does not match the teacher definition (another backbone, say).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {path} not found. Train the 3D teacher first: {TEACHER_TRAIN_COMMAND}"
+        )
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable or not a state dict
+        raise ValueError(f"teacher checkpoint {path} could not be read ({type(e).__name__}: {e}).") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        missing = [line.strip() for line in str(e).splitlines()[1:3]]
+        raise ValueError(
+            f"teacher checkpoint {path} does not match the teacher definition ({type(teacher).__name__} "
+            f"{getattr(teacher, 'backbone', '')}): {' '.join(missing)[:400]} ... Retrain it with "
+            f"{TEACHER_TRAIN_COMMAND}, or set the teacher backbone the checkpoint was trained with."
+        ) from None
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class TeacherOutputCache:
+    """Teacher logits and embeddings of each scan, computed once.
+
+    The teacher is frozen and, without augmentation of its input, deterministic, so its outputs for a scan
+    never change: the first epoch computes them and later epochs read them from this cache (kept on the
+    training device). Entries are keyed by the scan's file name.
+    """
+
+    def __init__(self) -> None:
+        self._logits: dict[str, torch.Tensor] = {}
+        self._embeddings: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._logits)
+
+    def get(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stacked ``(logits, embeddings)`` when every key is cached, else ``None``."""
+        if not keys or any(k not in self._logits for k in keys):
+            return None
+        self.hits += len(keys)
+        return torch.stack([self._logits[k] for k in keys]), torch.stack([self._embeddings[k] for k in keys])
+
+    def put(self, keys: Sequence[str], logits: torch.Tensor, embeddings: torch.Tensor) -> None:
+        self.misses += len(keys)
+        for k, lg, em in zip(keys, logits.detach(), embeddings.detach()):
+            self._logits[k] = lg
+            self._embeddings[k] = em
+
+
+def _scan_keys(batchdata: dict, key: str) -> list[str] | None:
+    image = batchdata.get(key)
+    if isinstance(image, MetaTensor):
+        names = image.meta.get("filename_or_obj")
+        if isinstance(names, (list, tuple)) and len(names) == image.shape[0] and all(names):
+            return [str(n) for n in names]
+    return None
+
+
+def loss_terms(output) -> dict[str, float]:
+    """``output_transform`` for Stats/TensorBoard handlers: every loss term of the last iteration."""
+    first = output[0] if isinstance(output, list) else output
+    return {k: float(v) for k, v in first.items() if k == Keys.LOSS or k.startswith("loss_")}
+
+
+class DistillationTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` that adds knowledge distillation from a frozen 3D teacher.
+
+    Each iteration: the student (2D) sees ``batch[image_key]`` (a projection), the teacher (3D, eval mode, no
+    gradient) sees ``batch[teacher_key]`` (the volume of the same scan). The student's embedding is captured at
+    the input of its ``head`` during the one forward pass that produces the logits, so the distillation terms act
+    on the weights that classify (also under ``DistributedDataParallel``). The loss function is called as
+    ``loss_function(student_logits, student_embedding, labels, teacher_logits, teacher_embedding)`` and returns a
+    dict with ``"loss"`` and its terms; every term is put in the engine output as ``loss_<term>`` for logging.
+    All MONAI iteration events fire, so postprocessing, metrics and handlers work as with the base trainer.
+
+    Args:
+        teacher: the 3D teacher network (``forward_with_embedding`` returning ``(logits, embedding)``).
+        teacher_checkpoint: state dict file of the teacher, loaded when the trainer is built.
+        teacher_key: batch key of the teacher's input volume.
+        kd_enabled: ``False`` trains the same student with the same data and schedule but without the teacher
+            (the no-KD baseline); the teacher is then neither loaded nor run.
+        cache_teacher_outputs: reuse teacher outputs per scan after the first epoch (valid only when no random
+            transform touches the teacher's input).
+        kwargs: the ``SupervisedTrainer`` arguments (``network`` must have a ``head`` module taking the
+            embedding).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | None = None,
+        teacher_checkpoint: str | os.PathLike | None = None,
+        teacher_key: str = "image_3d",
+        kd_enabled: bool = True,
+        cache_teacher_outputs: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.kd_enabled = bool(kd_enabled)
+        self.teacher_key = teacher_key
+        self.teacher: nn.Module | None = None
+        if self.kd_enabled:
+            if teacher is None or teacher_checkpoint is None:
+                raise ValueError(
+                    "knowledge distillation needs a teacher and a teacher_checkpoint (or kd_enabled=False)."
+                )
+            self.teacher = load_teacher(teacher, teacher_checkpoint, self.state.device)
+        self.teacher_cache = TeacherOutputCache() if (self.kd_enabled and cache_teacher_outputs) else None
+        head = getattr(_unwrap(self.network), "head", None)
+        if not isinstance(head, nn.Module):
+            raise ValueError(
+                f"the student {type(_unwrap(self.network)).__name__} has no 'head' module to read embeddings from."
+            )
+        self._embedding: torch.Tensor | None = None
+        head.register_forward_pre_hook(self._capture_embedding)
+
+    def _capture_embedding(self, module: nn.Module, args: tuple) -> None:
+        self._embedding = args[0]
+
+    def _teacher_outputs(self, batchdata: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = _scan_keys(batchdata, self.teacher_key) if self.teacher_cache is not None else None
+        if keys is not None:
+            cached = self.teacher_cache.get(keys)
+            if cached is not None:
+                return cached
+        if self.teacher_key not in batchdata:
+            raise KeyError(f"the batch has no {self.teacher_key!r} (the teacher's 3D input); check the preprocessing.")
+        volume = batchdata[self.teacher_key].to(device, non_blocking=self.non_blocking)
+        self.teacher.eval()
+        with torch.no_grad():
+            logits, embedding = self.teacher.forward_with_embedding(volume)
+        logits, embedding = logits.float(), embedding.float()
+        if keys is not None:
+            self.teacher_cache.put(keys, logits, embedding)
+        return logits, embedding
+
+    def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[
+            :2
+        ]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        teacher_logits = teacher_embedding = None
+        if engine.kd_enabled:
+            teacher_logits, teacher_embedding = engine._teacher_outputs(batchdata, engine.state.device)
+
+        def _forward_and_loss() -> None:
+            engine._embedding = None
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            if engine._embedding is None:
+                raise RuntimeError("the student's head was not called; cannot read its embedding.")
+            terms = engine.loss_function(
+                engine.state.output[Keys.PRED], engine._embedding, targets, teacher_logits, teacher_embedding
+            )
+            engine.state.output[Keys.LOSS] = terms["loss"]
+            for name, value in terms.items():
+                if name != "loss":
+                    engine.state.output[f"loss_{name}"] = float(value)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                _forward_and_loss()
+            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            _forward_and_loss()
+            engine.state.output[Keys.LOSS].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine._embedding = None
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
