@@ -45,6 +45,8 @@ from monai.transforms import (
     Transform,
 )
 
+from scripts.errors import InputError
+
 __all__ = [
     "SPLITS",
     "DatalistError",
@@ -65,7 +67,7 @@ LABEL_NAMES = {"0": 0, "1": 1, "hc": 0, "nc": 0, "control": 0, "healthy": 0, "pd
 _SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 
 
-class DatalistError(ValueError):
+class DatalistError(InputError):
     """A datalist or an entry of it is not usable; the message names the file and the problem."""
 
 
@@ -342,21 +344,21 @@ class LoadScand(MapTransform):
             if isinstance(path, (torch.Tensor, np.ndarray)):
                 continue  # already loaded
             if not os.path.exists(str(path)):
-                raise ValueError(f"{path}: scan not found.")
+                raise InputError(f"{path}: scan not found.")
             try:
                 img = self._loader(path)
             except Exception as e:  # noqa: BLE001 - re-raised with the file name and a short reason
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"{path}: could not be read as a NIfTI file or DICOM series ({reason}).") from None
+                raise InputError(f"{path}: could not be read as a NIfTI file or DICOM series ({reason}).") from None
             if img.ndim == 5 and img.shape[-1] == 1:  # (C, X, Y, Z, 1) from some NIfTI writers
                 img = img[..., 0]
             if img.ndim != 4 or img.shape[0] != 1:
                 shape = tuple(img.shape[1:]) if img.ndim > 1 else tuple(img.shape)
-                raise ValueError(f"{path}: expected a single 3D volume, got an image of shape {shape}.")
+                raise InputError(f"{path}: expected a single 3D volume, got an image of shape {shape}.")
             if min(img.shape[1:]) < 8:
-                raise ValueError(f"{path}: volume of shape {tuple(img.shape[1:])} is too small (< 8 voxels per axis).")
+                raise InputError(f"{path}: volume of shape {tuple(img.shape[1:])} is too small (< 8 voxels per axis).")
             if not torch.isfinite(img).all():
-                raise ValueError(f"{path}: the volume holds NaN or infinite values.")
+                raise InputError(f"{path}: the volume holds NaN or infinite values.")
             d[key] = img
         return d
 
@@ -416,7 +418,7 @@ class IntensityNormalized(MapTransform):
                 d[key] = self.normalize(d[key])
             except ValueError as e:
                 name = d[key].meta.get("filename_or_obj", key) if isinstance(d[key], MetaTensor) else key
-                raise ValueError(f"{name}: {e}") from None
+                raise InputError(f"{name}: {e}") from None
         return d
 
 
@@ -434,7 +436,7 @@ def preprocessing_transforms(
     keys = [keys] if isinstance(keys, str) else list(keys)
     transforms = [
         LoadScand(keys),
-        Orientationd(keys, axcodes="RAS"),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Resized(keys, spatial_size=tuple(int(s) for s in spatial_size), mode="trilinear", align_corners=True),
         IntensityNormalized(keys, mode=intensity),
         EnsureTyped(keys, dtype=torch.float32, track_meta=True),

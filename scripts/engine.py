@@ -15,6 +15,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from scripts.errors import InputError, MissingFileError
+
 __all__ = ["load_teacher", "TeacherOutputCache", "DistillationTrainer", "loss_terms"]
 
 TEACHER_TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train_teacher.json"
@@ -40,20 +42,20 @@ def load_teacher(teacher: nn.Module, checkpoint: str | os.PathLike, device: str 
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"teacher checkpoint {path} not found. Train the 3D teacher first: {TEACHER_TRAIN_COMMAND}"
         )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable or not a state dict
-        raise ValueError(f"teacher checkpoint {path} could not be read ({type(e).__name__}: {e}).") from None
+        raise InputError(f"teacher checkpoint {path} could not be read ({type(e).__name__}: {e}).") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     try:
         teacher.load_state_dict(state, strict=True)
     except RuntimeError as e:
         missing = [line.strip() for line in str(e).splitlines()[1:3]]
-        raise ValueError(
+        raise InputError(
             f"teacher checkpoint {path} does not match the teacher definition ({type(teacher).__name__} "
             f"{getattr(teacher, 'backbone', '')}): {' '.join(missing)[:400]} ... Retrain it with "
             f"{TEACHER_TRAIN_COMMAND}, or set the teacher backbone the checkpoint was trained with."

@@ -85,7 +85,7 @@ def classification_report(
 def _stack(values) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values
-    return torch.stack([torch.as_tensor(v) for v in values])
+    return torch.stack([torch.as_tensor(v).reshape(-1) for v in values])
 
 
 def pd_score_and_label(output) -> tuple[torch.Tensor, torch.Tensor]:

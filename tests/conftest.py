@@ -1,0 +1,36 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""Shared fixtures: tiny synthetic volumes and a tiny phantom dataset."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+if str(BUNDLE_ROOT) not in sys.path:
+    sys.path.insert(0, str(BUNDLE_ROOT))
+os.environ.setdefault("MONAI_FAIL_ON_DUPLICATE_CONFIG", "1")
+
+# the MNI 2 mm grid affine (FSL convention): x is stored right-to-left
+MNI_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = MNI_AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom_dataset(tmp_path_factory) -> Path:
+    """A small synthetic DaTscan set (datalist + NIfTI files), generated once per test session."""
+    from scripts.phantom import generate_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    return generate_dataset(out, n_subjects=30, seed=3, workers=1)
