@@ -109,13 +109,20 @@ def validate_datalist(entries: Sequence[Mapping], source: str, check_files: bool
     return out
 
 
-def load_datalist(datalist_file: str | os.PathLike, split: str = "training", require_labels: bool = True) -> list[dict]:
+def load_datalist(
+    datalist_file: str | os.PathLike,
+    split: str = "training",
+    require_labels: bool = True,
+    fields: Sequence[str] | None = None,
+) -> list[dict]:
     """Read one split of a datalist JSON file, resolve relative image paths and validate every entry.
 
     Args:
         datalist_file: path of the datalist JSON.
         split: ``"training"``, ``"validation"``, ``"test"`` or any other list-valued key of the file.
         require_labels: raise when an entry has no ``label``.
+        fields: keep only these keys of each entry (e.g. ``["image", "label"]`` for a data loader, whose
+            collation needs every value to be a tensor, number or string); ``None`` keeps all.
     """
     path = Path(datalist_file)
     if not path.is_file():
@@ -139,6 +146,8 @@ def load_datalist(datalist_file: str | os.PathLike, split: str = "training", req
         for i, item in enumerate(entries):
             if "label" not in item:
                 raise DatalistError(f"{path} [{split}], entry {i} ({item['image']}): no 'label'.")
+    if fields is not None:
+        entries = [{k: v for k, v in item.items() if k in fields} for item in entries]
     return entries
 
 
@@ -309,8 +318,8 @@ def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
         if split == "all":
             content = json.loads(p.read_text())
             splits = [s for s in SPLITS if isinstance(content.get(s), list)]
-            return [e for s in splits for e in load_datalist(p, s, require_labels=False)]
-        return load_datalist(p, split, require_labels=False)
+            return [e for s in splits for e in load_datalist(p, s, require_labels=False, fields=["image"])]
+        return load_datalist(p, split, require_labels=False, fields=["image"])
     if p.is_file():
         if not str(p).endswith((".nii", ".nii.gz")):
             raise DatalistError(f"{p}: expected a .nii/.nii.gz file, a DICOM series folder, a folder or a datalist.")

@@ -35,13 +35,28 @@ def atomic_write_json(path: str | os.PathLike, content: object) -> None:
     os.replace(tmp, path)
 
 
-def _filenames(batch) -> list[str]:
-    image = batch.get("image") if isinstance(batch, dict) else None
-    if isinstance(image, MetaTensor):
-        names = image.meta.get("filename_or_obj")
-        if names is not None:
-            return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
+def _batch_images(batch, key: str = "image") -> list:
+    """The per-scan images of an engine batch (MONAI engines decollate ``state.batch`` into a list of dicts)."""
+    if isinstance(batch, list):
+        return [item[key] for item in batch if isinstance(item, dict) and key in item]
+    if isinstance(batch, dict) and key in batch:
+        return list(batch[key])
     return []
+
+
+def _filenames(batch, key: str = "image") -> list[str]:
+    """The source file of each scan in an engine batch, from the image meta data (empty when unknown)."""
+    if isinstance(batch, dict) and isinstance(batch.get(key), MetaTensor):
+        names = batch[key].meta.get("filename_or_obj")
+        names = names if isinstance(names, (list, tuple)) else [names]
+        return [str(n) for n in names] if all(names) else []
+    names = []
+    for image in _batch_images(batch, key):
+        name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        if not name:
+            return []
+        names.append(str(name))
+    return names
 
 
 class ClassificationReportSaver:
@@ -233,9 +248,9 @@ class ProjectionPNGSaver:
     def __call__(self, engine: Engine) -> None:
         from PIL import Image
 
-        batch = engine.state.batch
-        images = batch[self.image_key]
-        names = _filenames(batch) or [f"scan_{engine.state.iteration}_{i}" for i in range(len(images))]
+        images = _batch_images(engine.state.batch, self.image_key)
+        names = _filenames(engine.state.batch, self.image_key)
+        names = names or [f"scan_{engine.state.iteration}_{i}" for i in range(len(images))]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for name, image in zip(names, images):
             x = torch.as_tensor(image).detach().float().cpu()
