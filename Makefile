@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow lint format
+.PHONY: setup demo test test-slow test-tracking lint format
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,12 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format scripts tests
 	$(VENV)/bin/ruff check --fix scripts tests
+
+# Opt-in: MLflow tracking test in its own environment (mlflow-skinny and SQLAlchemy).
+.venv-tracking/.installed: requirements-dev.txt requirements-tracking.txt
+	$(PYTHON) -m venv .venv-tracking
+	.venv-tracking/bin/python -m pip install --quiet -r requirements-dev.txt -r requirements-tracking.txt
+	touch $@
+
+test-tracking: .venv-tracking/.installed
+	.venv-tracking/bin/python -m pytest -q tests/test_distribution.py -k mlflow
