@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-tracking lint format
+.PHONY: setup demo test test-slow test-tracking test-monailabel lint format
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,7 @@ format: setup
 
 test-tracking: .venv-tracking/.installed
 	.venv-tracking/bin/python -m pytest -q tests/test_distribution.py -k mlflow
+
+# MONAI Label server test in its own environment (.venv-monailabel; see docs/monailabel.md).
+test-monailabel:
+	bash tests/monailabel/run.sh
