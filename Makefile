@@ -23,8 +23,8 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 lint: setup
-	$(VENV)/bin/ruff check scripts tests
-	$(VENV)/bin/ruff format --check scripts tests
+	$(VENV)/bin/ruff check scripts tests monailabel_app
+	$(VENV)/bin/ruff format --check scripts tests monailabel_app
 
 format: setup
 	$(VENV)/bin/ruff format scripts tests
