@@ -28,6 +28,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from scripts.data import load_datalist, prepare_datalist
+from scripts.metrics import classification_report
+from scripts.sbr import evaluate_sbr_baseline
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 REPORTED = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
 
@@ -136,15 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_bundle(["distill.json", "evaluate.json"], None, {**overrides, "run_name": f"{run}/{tag}-test"}, log)
             results[name].append(read_metrics(BUNDLE_ROOT / "eval" / run / f"{tag}-test"))
 
-    from scripts.data import prepare_datalist
-    from scripts.sbr import evaluate_sbr_baseline
-
     datalist = prepare_datalist(common.get("dataset_dir", BUNDLE_ROOT / "data" / "synthetic_spect"))
     sbr = evaluate_sbr_baseline(datalist, fit_split="training", eval_split="test")
     results["SBR threshold (lowest putamen)"] = [sbr["metrics"]]
-    from scripts.data import load_datalist
-    from scripts.metrics import classification_report
-
     labels = [e["label"] for e in load_datalist(datalist, "test")]
     results["always PD (trivial baseline)"] = [classification_report(labels, [1.0] * len(labels))]
     n, n_pd = len(labels), sum(labels)

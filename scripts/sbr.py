@@ -225,29 +225,12 @@ class SBRThresholdClassifier:
         return _classification_report(y, self.pd_score(x), threshold=-self.threshold)
 
 
-def _read_datalist(datalist_file: str | os.PathLike) -> tuple[dict, pathlib.Path]:
-    path = pathlib.Path(datalist_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
-    return data, path.parent
-
-
 def datalist_sbr(datalist_file: str | os.PathLike, split: str) -> tuple[list[dict], list[dict[str, float]]]:
     """``(entries, SBR features)`` of every item of ``split`` in a datalist (image paths relative to its folder)."""
-    data, root = _read_datalist(datalist_file)
-    if split not in data or not isinstance(data[split], list):
-        keys = [k for k, v in data.items() if isinstance(v, list)]
-        raise KeyError(f"split {split!r} not found in {datalist_file}; available splits: {keys}.")
-    entries = data[split]
-    feats = []
-    for entry in entries:
-        image = pathlib.Path(entry["image"])
-        feats.append(sbr_from_file(image if image.is_absolute() else root / image))
-    return entries, feats
+    from scripts.data import load_datalist  # lazy: keeps this module light for worker processes
+
+    entries = load_datalist(datalist_file, split)
+    return entries, [sbr_from_file(entry["image"]) for entry in entries]
 
 
 def evaluate_sbr_baseline(
@@ -326,7 +309,7 @@ def summarize_sbr(datalist_file: str | os.PathLike, splits: Sequence[str] | None
         the recorded nuisance variables only (age, sex, FWHM, counts, intensity, size, pose); ~0.5 when they
         carry no label information.
     """
-    data, _ = _read_datalist(datalist_file)
+    data = json.loads(pathlib.Path(datalist_file).read_text())
     names = list(splits) if splits else [k for k in ("training", "validation", "test") if k in data]
     entries, feats = [], []
     for name in names:

@@ -13,6 +13,7 @@ import torch
 
 from scripts import sbr
 from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE, resized_affine, template_rois
+from scripts.errors import InputError
 
 # Constant "activity" per region: background 1, occipital 2, caudate/putamen subregions as below.
 _VALUES = {"caudate_L": 7.0, "caudate_R": 6.0, "putamen_ant_L": 5.0, "putamen_post_L": 3.0, "putamen_ant_R": 6.0}
@@ -146,7 +147,7 @@ def test_evaluate_sbr_baseline_on_a_datalist(tmp_path):
     assert sbr.main(["--datalist", str(tmp_path / "datalist.json"), "--out", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["threshold"] == pytest.approx(result["threshold"])
     (tmp_path / "images" / "test_1.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match="test_1.nii.gz"):
+    with pytest.raises(InputError, match="test_1.nii.gz"):
         sbr.evaluate_sbr_baseline(tmp_path / "datalist.json")
-    with pytest.raises(KeyError, match="validation"):
+    with pytest.raises(InputError, match="no list named 'validation'"):
         sbr.evaluate_sbr_baseline(tmp_path / "datalist.json", eval_split="validation")
