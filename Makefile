@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m scripts.demo
+	$(PY) -m scripts.study --name demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -53,6 +53,7 @@ __all__ = [
     "load_datalist",
     "validate_datalist",
     "split_by_subject",
+    "subsample_by_subject",
     "prepare_datalist",
     "build_datalist",
     "list_scans",
@@ -203,6 +204,31 @@ def split_by_subject(
     for split in SPLITS:
         out[split].sort(key=lambda e: (str(e["subject"]), str(e["image"])))
     return out
+
+
+def subsample_by_subject(entries: Sequence[Mapping], fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """Keep about ``fraction`` of the subjects of each class (all their scans), e.g. for low-data experiments.
+
+    Subjects are drawn with ``seed`` separately per label, at least one per class present, so the subset keeps
+    the class balance. ``fraction = 1`` returns the entries unchanged.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise DatalistError(f"train fraction must be in (0, 1], got {fraction}.")
+    entries = [dict(e) for e in entries]
+    if fraction == 1.0:
+        return entries
+    subjects: dict[int, list[str]] = {}
+    for e in entries:
+        subject = str(e.get("subject", e["image"]))
+        if subject not in subjects.setdefault(int(e["label"]), []):
+            subjects[int(e["label"])].append(subject)
+    rng = random.Random(seed)
+    keep = set()
+    for label in sorted(subjects):
+        names = sorted(subjects[label])
+        rng.shuffle(names)
+        keep.update(names[: max(1, round(fraction * len(names)))])
+    return [e for e in entries if str(e.get("subject", e["image"])) in keep]
 
 
 def build_datalist(

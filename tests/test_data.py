@@ -16,6 +16,7 @@ from scripts.data import (
     main,
     preprocessing,
     split_by_subject,
+    subsample_by_subject,
 )
 from scripts.errors import find_input_error
 
@@ -217,3 +218,17 @@ def test_dicom_series_folder_is_read_with_itk(tmp_path):
     assert [e["image"] for e in list_scans(folder)] == [str(folder)]
     out = preprocessing(spatial_size=(8, 10, 12), intensity="minmax", label_key=None)({"image": str(folder)})
     assert tuple(out["image"].shape) == (1, 8, 10, 12)
+
+
+def test_subsample_by_subject_keeps_whole_subjects_and_both_classes():
+    entries = _entries(n_hc=10, n_pd=20, visits=3)
+    subset = subsample_by_subject(entries, 0.2, seed=0)
+    hc = {e["subject"] for e in subset if e["label"] == 0}
+    pd_ = {e["subject"] for e in subset if e["label"] == 1}
+    assert (len(hc), len(pd_)) == (2, 4)
+    assert len(subset) == 2 + 4 * 3  # every visit of a kept PD subject
+    assert subset == subsample_by_subject(entries, 0.2, seed=0) != subsample_by_subject(entries, 0.2, seed=1)
+    assert len(subsample_by_subject(entries, 0.01, seed=0)) == 1 + 3  # at least one subject per class
+    assert subsample_by_subject(entries, 1.0) == entries
+    with pytest.raises(DatalistError, match=r"train fraction must be in \(0, 1\]"):
+        subsample_by_subject(entries, 0.0)

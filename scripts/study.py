@@ -1,16 +1,21 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""The bundle's main job on the embedded synthetic data, through the bundle's own entry points.
+"""The experiment matrix, run through the bundle's own entry points; its defaults are the README's main job.
 
-    python -m scripts.demo [--seeds 0] [--projection joint_fusion_slices] [--set KEY=VALUE ...]
+    python -m scripts.study [--projections joint_fusion_slices ...] [--seeds 0 1 2] [--train-fractions 0.1 1.0]
+                            [--skip-teacher] [--dataset-dir DIR] [--set KEY=VALUE ...]
 
 Steps (each one a ``python -m monai.bundle run ...`` command, printed before it runs):
 
-1. train the 3D teacher (``configs/train_teacher.json``; generates the synthetic phantom set when the dataset
-   folder has no datalist), then score it on the test split (``configs/evaluate.json``);
-2. per seed, distil the 2D student from the frozen teacher (``configs/distill.json``) and train the same
-   student without the teacher (``--kd_enabled False``), and score both on the test split;
-3. fit the lowest-putamen SBR threshold on the training split and score it on the test split;
+1. train the 3D teacher once (``configs/train_teacher.json``, on the full training split; the synthetic phantom
+   set is generated first when the dataset folder has no datalist) and score it on the test split
+   (``configs/evaluate.json``);
+2. for every projection × training fraction × seed, distil the 2D student from the frozen teacher
+   (``configs/distill.json``) and train the identical student without the teacher (``--kd_enabled False``),
+   and score both on the test split; a training fraction below 1 keeps that share of the training subjects
+   (same subset for KD and no-KD);
+3. fit the lowest-putamen SBR threshold on the training split and score it on the test split, beside the
+   always-PD baseline;
 4. print the metrics side by side (mean ± std over seeds) and write them to ``eval/<run>/summary.{json,md}``.
 """
 
@@ -93,24 +98,28 @@ def format_table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (teacher uses the first)")
-    parser.add_argument("--projection", default="joint_fusion_slices", help="student projection")
+    parser = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n")[0])
+    parser.add_argument("--projections", nargs="+", default=["joint_fusion_slices"], help="student projections")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (the teacher uses the first)")
+    parser.add_argument("--train-fractions", type=float, nargs="+", default=[1.0], help="student training subsets")
     parser.add_argument("--dataset-dir", default=None, help="dataset folder (default: the configs' synthetic set)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="override the teacher's max_epochs")
     parser.add_argument("--student-epochs", type=int, default=None, help="override the students' max_epochs")
-    parser.add_argument("--skip-teacher", action="store_true", help="reuse models/teacher.pt")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every config"
-    )
+    parser.add_argument("--skip-teacher", action="store_true", help="reuse models/teacher.pt instead of training")
+    parser.add_argument("--name", default="study", help="prefix of the run folder under eval/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
     args = parser.parse_args(argv)
+    for kv in args.set:
+        if "=" not in kv:
+            parser.error(f"--set expects KEY=VALUE, got {kv!r}")
 
-    run = "demo-" + datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = f"{args.name}-" + datetime.now().strftime("%Y%m%d-%H%M%S")
     common = dict(kv.split("=", 1) for kv in args.set)
     if args.dataset_dir:
         common["dataset_dir"] = os.path.abspath(args.dataset_dir)
     if not sys.stdout.isatty():
         common.setdefault("progress_bar", "False")
+    root = Path(common.get("bundle_root", BUNDLE_ROOT))  # where the runs write (``--set bundle_root=...``)
     log: list[str] = []
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -123,24 +132,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["train_teacher.json"], "training", {**teacher, "run_name": f"{run}/teacher"}, log
         )
     run_bundle(["train_teacher.json", "evaluate.json"], None, {**teacher, "run_name": f"{run}/teacher-test"}, log)
-    results = {"3D teacher": [read_metrics(BUNDLE_ROOT / "eval" / run / "teacher-test")]}
+    results = {"3D teacher": [read_metrics(root / "eval" / run / "teacher-test")]}
 
-    student = {**common, "projection": args.projection}
-    if args.student_epochs is not None:
-        student["max_epochs"] = args.student_epochs
-    for kd in (True, False):
-        name = f"2D student {'with KD' if kd else 'without KD'} ({args.projection})"
-        results[name] = []
-        for seed in args.seeds:
-            tag = f"{'kd' if kd else 'nokd'}-seed{seed}"
-            overrides = {**student, "seed": seed, "kd_enabled": kd}
-            timings[f"student {tag}"] = run_bundle(
-                ["distill.json"], "training", {**overrides, "run_name": f"{run}/{tag}"}, log
-            )
-            run_bundle(["distill.json", "evaluate.json"], None, {**overrides, "run_name": f"{run}/{tag}-test"}, log)
-            results[name].append(read_metrics(BUNDLE_ROOT / "eval" / run / f"{tag}-test"))
+    for projection in args.projections:
+        for fraction in args.train_fractions:
+            for kd in (True, False):
+                name = f"2D student {'with' if kd else 'without'} KD ({projection}"
+                name += f", {fraction:.0%} of training subjects)" if fraction < 1 else ")"
+                results[name] = []
+                for seed in args.seeds:
+                    tag = f"{projection}-f{fraction:g}-{'kd' if kd else 'nokd'}-seed{seed}"
+                    overrides = {**common, "projection": projection, "train_fraction": fraction, "seed": seed}
+                    overrides["kd_enabled"] = kd
+                    if args.student_epochs is not None:
+                        overrides["max_epochs"] = args.student_epochs
+                    timings[f"student {tag}"] = run_bundle(
+                        ["distill.json"], "training", {**overrides, "run_name": f"{run}/{tag}"}, log
+                    )
+                    run_bundle(
+                        ["distill.json", "evaluate.json"], None, {**overrides, "run_name": f"{run}/{tag}-test"}, log
+                    )
+                    results[name].append(read_metrics(root / "eval" / run / f"{tag}-test"))
 
-    datalist = prepare_datalist(common.get("dataset_dir", BUNDLE_ROOT / "data" / "synthetic_spect"))
+    datalist = prepare_datalist(common.get("dataset_dir", root / "data" / "synthetic_spect"))
     sbr = evaluate_sbr_baseline(datalist, fit_split="training", eval_split="test")
     results["SBR threshold (lowest putamen)"] = [sbr["metrics"]]
     labels = [e["label"] for e in load_datalist(datalist, "test")]
@@ -150,28 +164,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {name: summarise(values) for name, values in results.items()}
     table = format_table(summary)
     total = time.perf_counter() - started
-    out_dir = BUNDLE_ROOT / "eval" / run
+    out_dir = root / "eval" / run
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "seeds": args.seeds,
-                "projection": args.projection,
-                "test_scans": n,
-                "test_pd": n_pd,
-                "summary": summary,
-                "per_seed": results,
-                "sbr_threshold": sbr["threshold"],
-                "commands": log,
-                "seconds": {**timings, "total": total},
-            },
-            indent=2,
-        )
+    header = (
+        f"Test split: {n} scans ({n_pd} PD, {n - n_pd} HC) of {datalist}; student seeds {args.seeds}; "
+        f"mean ± sample std over seeds where more than one."
     )
-    (out_dir / "summary.md").write_text(f"# {run}\n\nTest split: {n} scans ({n_pd} PD).\n\n{table}\n")
-    print(f"\nTest split of the synthetic set: {n} scans ({n_pd} PD, {n - n_pd} HC); seeds {args.seeds}.\n")
-    print(table)
-    print(f"\nTotal {total / 60:.1f} min. Summary: {out_dir / 'summary.md'}")
+    record = {
+        "dataset": str(datalist),
+        "seeds": args.seeds,
+        "projections": args.projections,
+        "train_fractions": args.train_fractions,
+        "test_scans": n,
+        "test_pd": n_pd,
+        "summary": summary,
+        "per_seed": results,
+        "sbr_threshold": sbr["threshold"],
+        "commands": log,
+        "seconds": {**timings, "total": total},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(record, indent=2))
+    (out_dir / "summary.md").write_text(f"# {run}\n\n{header}\n\n{table}\n\nTotal {total / 60:.1f} min.\n")
+    print(f"\n{header}\n\n{table}\n\nTotal {total / 60:.1f} min. Summary: {out_dir / 'summary.md'}")
     return 0
 
 
