@@ -62,6 +62,9 @@ def _filenames(batch, key: str = "image") -> list[str]:
 class ClassificationReportSaver:
     """Write the bundle's classification metrics and per-scan predictions to JSON after each evaluation.
 
+    Under ``DistributedDataParallel`` the handler must run on every rank: the records are gathered and rank 0
+    alone writes the file, with each scan once.
+
     The file holds ``{"split", "epoch", "metrics": classification_report(...), "predictions": [{"image",
     "label", "pd_probability", "predicted"}, ...]}``; with ``history=True`` earlier evaluations are kept under
     ``"history"`` (epoch and metrics only), so a training run's validation curve is in one file.
@@ -112,9 +115,29 @@ class ClassificationReportSaver:
         for name, score, label in zip(names, scores.tolist(), labels.tolist()):
             self._records.append({"image": name, "label": int(label), "pd_probability": float(score)})
 
+    def _gather(self) -> list[dict] | None:
+        """All ranks' records on rank 0 (``None`` on the other ranks); a collective call under DDP.
+
+        ``DistributedSampler(even_divisible=True)`` pads the last batch with repeated scans: duplicates of a
+        scan are kept once.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._records
+        gathered: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, self._records)
+        if torch.distributed.get_rank() != 0:
+            return None
+        unique: dict[str, dict] = {}
+        for records in gathered:
+            for record in records:
+                unique.setdefault(record["image"], record)
+        return sorted(unique.values(), key=lambda r: r["image"])
+
     def _write(self, engine: Engine) -> None:
-        if not self._records:
+        records = self._gather()
+        if not records:
             return
+        self._records = records
         labels = torch.tensor([r["label"] for r in self._records])
         scores = torch.tensor([r["pd_probability"] for r in self._records])
         report = classification_report(labels, scores, threshold=self.threshold)

@@ -48,10 +48,14 @@ WRITING_HANDLERS = {
     "ignite.handlers.ProgressBar",
     "CheckpointSaver",
     "scripts.handlers.PublishCheckpoint",
+}
+# handlers that take part in training (or gather across ranks before rank 0 writes); they must run on every rank
+SHARED_HANDLERS = {
+    "ValidationHandler",
+    "LrScheduleHandler",
+    "EarlyStopHandler",
     "scripts.handlers.ClassificationReportSaver",
 }
-# handlers that take part in training; they must run on every rank
-SHARED_HANDLERS = {"ValidationHandler", "LrScheduleHandler", "EarlyStopHandler"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -539,6 +543,8 @@ def _check_single_writer(bundle_root: Path, logs: Path, trainer: str, checkpoint
     run = runs[0]
     assert [p.name for p in run.glob("*.pt")] == [checkpoint]
     assert [p.name for p in run.glob("*.json")] == ["validation_metrics.json"]
+    report = json.loads((run / "validation_metrics.json").read_text())
+    assert report["metrics"]["n"] == 2  # the whole validation split: both ranks' scans, gathered on rank 0
     events = list(run.glob("events.out.tfevents.*"))
     assert events and len({p.name.split(".")[-2] for p in events}) == 1  # one writing process (pid in the name)
     published = bundle_root / "models" / checkpoint
