@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scripts.anatomy import template_rois
+from scripts.anatomy import ROI_NAMES, template_rois
 
 if TYPE_CHECKING:
     import torch
@@ -50,16 +50,7 @@ __all__ = [
 ]
 
 #: Regions with an SBR value.
-SBR_REGIONS: tuple[str, ...] = (
-    "caudate_L",
-    "caudate_R",
-    "putamen_L",
-    "putamen_R",
-    "putamen_ant_L",
-    "putamen_ant_R",
-    "putamen_post_L",
-    "putamen_post_R",
-)
+SBR_REGIONS: tuple[str, ...] = tuple(name for name in ROI_NAMES if name not in ("striatum", "occipital", "brain"))
 #: All keys returned by :func:`compute_sbr`.
 SBR_FEATURES: tuple[str, ...] = SBR_REGIONS + (
     "lowest_putamen",

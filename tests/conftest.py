@@ -27,6 +27,17 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = MNI_AFFINE) 
     return path
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: tiny networks run fastest (and steadiest on a busy CPU) without threading."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom_dataset(tmp_path_factory) -> Path:
     """A small synthetic DaTscan set (datalist + NIfTI files), generated once per test session."""

@@ -19,14 +19,7 @@ from scripts.losses import (
     graph_matrix,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tiny networks run fastest (and steadiest on a busy CPU) without threading."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- straightforward numpy references

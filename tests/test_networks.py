@@ -15,14 +15,7 @@ from torch import nn
 
 from scripts.networks import BACKBONES, SharedChannelEncoder, Student2D, Teacher3D, build_encoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tiny networks run fastest (and steadiest on a busy CPU) without threading."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 VOL = (2, 1, 32, 32, 32)  # smallest comfortable size: the stem + max pool + 3 stride-2 stages divide by 32
