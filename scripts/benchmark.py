@@ -19,9 +19,10 @@ One run measures, on one synthetic phantom set:
   preprocessing, projection, forward, softmax), for the teacher and each requested student projection;
 * **peak memory** of each case: the peak resident set size of the process that ran it (each case runs in its
   own fresh interpreter unless ``--no-isolate``), and ``torch.cuda.max_memory_allocated`` on CUDA;
-* **fast-path options**: ``ThreadDataLoader``, a plain-tensor ``prepare_batch``, releasing the teacher's 3D
-  input once its outputs are cached, ``channels_last`` memory format, ``torch.compile`` (``--compile``) and
-  mixed precision (CUDA only).
+* **fast-path options**, each against its baseline: ``ThreadDataLoader``, a plain-tensor ``prepare_batch``
+  (:class:`PlainTensorBatch`), releasing the teacher's 3D input once its outputs are cached
+  (:class:`ReleaseTeacherInput`), channels-last weights, ``torch.compile`` (``--compile``), and on CUDA only
+  mixed precision and ``cudnn.benchmark``.
 
 What a pipeline epoch time covers: from ``EPOCH_STARTED`` to the end of ``EPOCH_COMPLETED`` (after the key
 metric and the other epoch handlers) of an epoch that follows ``--warmup-epochs`` untimed epochs, i.e. batch
@@ -29,7 +30,10 @@ collation from the filled cache, host-to-device copies, the training step, postp
 decollation), the metric update and the iteration handlers. Filling the ``CacheDataset`` (load, resize,
 normalise, project) happens before the first epoch and is reported separately as ``cache_fill_s``.
 
-The output is a JSON report (``--out``) and a short printed table.
+Every timed interval also records the process CPU time (``time.process_time``): with one thread
+(``--threads 1``) scans per CPU-second hardly depend on other work sharing the machine, and
+``cpu_s_per_wall_s`` of each case shows whether it got the CPUs its threads could use (the report warns when
+not). The output is a JSON report (``--out``) and a short printed table.
 """
 
 from __future__ import annotations
@@ -218,11 +222,21 @@ def _has_meta(value: Any) -> bool:
 class PlainTensorBatch(PrepareBatch):
     """``prepare_batch`` returning plain ``torch.Tensor`` image and label batches (``MetaTensor`` metadata dropped).
 
-    MONAI's default hands the collated ``MetaTensor`` to the network, so every operation of the forward and
-    backward passes goes through ``MetaTensor.__torch_function__`` and the prediction is decollated with its
-    metadata. The batch dictionary itself is untouched, so a :class:`scripts.engine.DistillationTrainer` still
-    reads the scan names from the teacher input's metadata.
+    MONAI's default (``monai.engines.default_prepare_batch``) hands the collated ``MetaTensor`` to the network,
+    so every operation of the forward and backward passes goes through ``MetaTensor.__torch_function__``, the
+    autograd graph keeps ``MetaTensor`` activations, and the prediction is decollated with its metadata; a
+    ``MetaTensor`` input also cancels the gain of channels-last weights. Only the returned ``(image, label)``
+    change: the batch dictionary is untouched, so handlers that read file names from ``engine.state.batch``
+    and :class:`scripts.engine.DistillationTrainer` (which reads the scan names from the teacher input's
+    metadata) work as before.
+
+    Args:
+        enabled: ``False`` returns the ``default_prepare_batch`` result unchanged, so that a config flag can
+            switch the option.
     """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = bool(enabled)
 
     def __call__(
         self,
@@ -231,10 +245,11 @@ class PlainTensorBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image, label)`` of ``batchdata`` on ``device``; ``label`` is ``None`` when the batch has none."""
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        if isinstance(image, MetaTensor):
+        if self.enabled and isinstance(image, MetaTensor):
             image = image.as_tensor()
-        if isinstance(label, MetaTensor):
+        if self.enabled and isinstance(label, MetaTensor):
             label = label.as_tensor()
         return image, label
 
@@ -845,6 +860,14 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
         TEACHER_CONFIG,
         "fast",
         overrides={"network": TEACHER_CHANNELS_LAST},
+        baseline="teacher_pipeline",
+    )
+    pipeline(
+        "teacher_pipeline_plain_channels_last",
+        TEACHER_CONFIG,
+        "fast",
+        overrides={"network": TEACHER_CHANNELS_LAST},
+        plain_tensor_batch=True,
         baseline="teacher_pipeline",
     )
     pipeline(

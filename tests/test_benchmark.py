@@ -234,6 +234,8 @@ def test_plain_tensor_batch_strips_metadata_but_not_values():
     assert type(x) is torch.Tensor and type(y) is torch.Tensor
     assert torch.equal(x, torch.arange(8.0).reshape(2, 1, 2, 2)) and torch.equal(y, torch.tensor([0, 1]))
     assert isinstance(batch["image_3d"], MetaTensor)  # the batch itself is untouched
+    x, _ = PlainTensorBatch(enabled=False)(batch, torch.device("cpu"))
+    assert isinstance(x, MetaTensor) and x.meta["filename_or_obj"] == ["a", "b"]  # MONAI's default behaviour
 
 
 def test_unknown_case_kind_is_rejected():
