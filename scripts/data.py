@@ -311,7 +311,7 @@ def prepare_datalist(
             f"{dataset_dir} holds scans but no {datalist_name}. Build one with "
             f"`python -m scripts.data --images {dataset_dir} --labels labels.csv --out {datalist}`."
         )
-    from scripts.phantom import generate_dataset
+    from scripts.synthetic.phantom import generate_dataset
 
     print(f"No datalist in {dataset_dir}: generating {synthetic_subjects} synthetic {modality} phantom subjects.")
     path = generate_dataset(

@@ -41,7 +41,7 @@ def single_thread():
 @pytest.fixture(scope="session")
 def tiny_phantom_dataset(tmp_path_factory) -> Path:
     """A small synthetic DaTscan set (datalist + NIfTI files), generated once per test session."""
-    from scripts.phantom import generate_dataset
+    from scripts.synthetic.phantom import generate_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
     return generate_dataset(out, n_subjects=30, seed=3, workers=1)

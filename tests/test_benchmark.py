@@ -17,7 +17,7 @@ from ignite.engine import Engine
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, Lambdad
 
-from scripts.benchmark import (
+from scripts.benchmark.runner import (
     EpochTimer,
     PlainTensorBatch,
     ReleaseTeacherInput,
@@ -29,7 +29,7 @@ from scripts.benchmark import (
     run_case,
 )
 from scripts.engine import TeacherOutputCache
-from scripts.phantom import generate_dataset
+from scripts.synthetic.phantom import generate_dataset
 
 N_SCANS, BATCH, PROJECTION = 8, 4, "early_fusion_slices"
 

@@ -3,7 +3,7 @@
 """Distribution and integration: model-zoo checks, TorchScript export, the release archive and its download,
 multi-process training with torchrun, and MLflow tracking.
 
-Most tests run the bundle's own command lines (``python -m monai.bundle ...``, ``python -m scripts.package``,
+Most tests run the bundle's own command lines (``python -m monai.bundle ...``, ``python -m scripts.tools.package``,
 ``python -m torch.distributed.run ...``) in subprocesses, on CPU, with freshly initialised weights and a tiny
 synthetic phantom set.
 """
@@ -31,7 +31,7 @@ import yaml
 from conftest import write_nifti
 from monai.bundle import ConfigParser
 
-from scripts import package
+from scripts.tools import package
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -162,7 +162,7 @@ def _copy_bundle_sources(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     """12 synthetic subjects (6 PD, 6 HC): 8 training, 2 validation and 2 test scans."""
-    from scripts.phantom import generate_dataset
+    from scripts.synthetic.phantom import generate_dataset
 
     out = tmp_path_factory.mktemp("ddp_phantoms")
     generate_dataset(out, n_subjects=12, seed=5, pd_fraction=0.5, workers=1)
@@ -388,7 +388,7 @@ def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_pat
             [
                 sys.executable,
                 "-m",
-                "scripts.package",
+                "scripts.tools.package",
                 "--out",
                 str(serve),
                 "--weights-dir",

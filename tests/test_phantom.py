@@ -14,9 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts import anatomy, phantom
+from scripts import anatomy
 from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from scripts.sbr import SBRThresholdClassifier, compute_sbr
+from scripts.synthetic import phantom
 
 # --------------------------------------------------------------------------------------------------- helpers
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import BUNDLE_ROOT
 
-from scripts.study import format_table, summarise
+from scripts.study.runner import format_table, summarise
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

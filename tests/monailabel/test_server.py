@@ -109,7 +109,7 @@ def _make_studies(root: Path) -> tuple[Path, dict[str, int], str, str]:
     Returns the folder, the true label of every image id, the id whose label the test uploads over HTTP and the
     id that stays unlabelled.
     """
-    from scripts.phantom import generate_dataset
+    from scripts.synthetic.phantom import generate_dataset
 
     datalist = generate_dataset(root / "phantoms", n_subjects=N_SUBJECTS, seed=11, pd_fraction=0.5, split=(1, 0, 0))
     studies = root / "studies"

@@ -74,7 +74,7 @@ __all__ = [
     "main",
 ]
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = BUNDLE_ROOT / "configs"
 TEACHER_CONFIG = "train_teacher.json"
 DISTILL_CONFIG = "distill.json"
@@ -395,7 +395,7 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
     parser = bundle_parser([spec["config"]], spec["overrides"])
     handlers = _drop_handlers(parser, "train#handlers", ["ValidationHandler"])
     if spec.get("plain_tensor_batch"):
-        parser["train#trainer#prepare_batch"] = {"_target_": "scripts.benchmark.PlainTensorBatch"}
+        parser["train#trainer#prepare_batch"] = {"_target_": "scripts.benchmark.runner.PlainTensorBatch"}
     if spec.get("cudnn_benchmark"):  # after the config's set_determinism, which turns it off
         parser["initialize"] = [*parser["initialize"], *CUDNN_BENCHMARK]
     parser.get_parsed_content("initialize")
@@ -1231,7 +1231,7 @@ def _prepare_data(args: argparse.Namespace, work_dir: Path) -> Path:
         if not (dataset_dir / "datalist.json").is_file():
             raise FileNotFoundError(f"{dataset_dir} has no datalist.json.")
         return dataset_dir
-    from scripts.phantom import generate_dataset
+    from scripts.synthetic.phantom import generate_dataset
 
     dataset_dir = work_dir / "data"
     if not (dataset_dir / "datalist.json").is_file():

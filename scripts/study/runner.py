@@ -37,7 +37,7 @@ from scripts.data import load_datalist, prepare_datalist
 from scripts.metrics import classification_report
 from scripts.sbr import evaluate_sbr_baseline
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REPORTED = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
 
 

@@ -29,7 +29,7 @@ statistics (HC caudate ~2.9, putamen ~2.1, PD putamen ~0.9, putamen asymmetry ~8
 lowest-putamen threshold at ~0.955 accuracy); ``docs/calibration.md`` lists the measured values and the command
 that reproduces them.
 
-Outputs follow the bundle's datalist convention; run ``python -m scripts.phantom --help``.
+Outputs follow the bundle's datalist convention; run ``python -m scripts.synthetic --help``.
 """
 
 from __future__ import annotations
@@ -844,7 +844,7 @@ def generate_dataset(
             "n_hc_scans": len(items) - sum(e["label"] for e in items),
         }
     datalist["metadata"] = {
-        "generator": "scripts.phantom",
+        "generator": "scripts.synthetic.phantom",
         "modality": modality,
         "seed": int(seed),
         "n_subjects": int(n_subjects),
@@ -876,9 +876,9 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; see ``python -m scripts.phantom --help``."""
+    """Command-line entry point; see ``python -m scripts.synthetic --help``."""
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.phantom", description="Generate a synthetic DaTscan / AV133 phantom data set."
+        prog="python -m scripts.synthetic", description="Generate a synthetic DaTscan / AV133 phantom data set."
     )
     parser.add_argument("--out", required=True, help="output folder (datalist.json and images/)")
     parser.add_argument("--n-subjects", type=int, required=True)

@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
 """Build the distributable archive of the bundle, in the layout the MONAI model zoo uses.
 
-    python -m scripts.package --out dist/ [--with-weights] [--weights-dir models/]
+    python -m scripts.tools.package --out dist/ [--with-weights] [--weights-dir models/]
                               [--weights-url URL] [--release-url URL]
 
 writes ``<out>/pd_datscan_kd_classification_v<version>.zip`` (``version`` from ``configs/metadata.json``) and
@@ -290,7 +290,7 @@ def build_archive(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.package",
+        prog="python -m scripts.tools.package",
         description=f"Build {BUNDLE_NAME}_v<version>.zip (model-zoo layout) and model_info.json.",
     )
     parser.add_argument("--out", default="dist", help="output folder (default: dist)")
