@@ -1,6 +1,10 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Datalists and the preprocessing shared by every config of the bundle.
+"""Datalists (loading, validation, subject-level splits) and the bundle's own preprocessing transforms.
+
+The preprocessing chain itself is written out once, in ``configs/inference.json#volume_transforms``: load with
+:class:`LoadScand` (clear errors for unusable files), RAS orientation, trilinear resize to the working grid,
+:class:`IntensityNormalized`, float32. The training configs include it by macro.
 
 Datalist format (JSON)::
 
@@ -34,33 +38,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    LoadImage,
-    MapTransform,
-    Orientationd,
-    Resized,
-    Transform,
-)
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.transforms import LoadImage, MapTransform, Transform
+from monai.utils import look_up_option
 
 from scripts.errors import InputError
 
 __all__ = [
     "SPLITS",
     "DatalistError",
+    "DATALIST_FIELDS",
     "load_datalist",
     "validate_datalist",
     "split_by_subject",
     "subsample_by_subject",
-    "prepare_datalist",
     "build_datalist",
     "list_scans",
     "LoadScand",
     "IntensityNormalize",
     "IntensityNormalized",
-    "preprocessing_transforms",
 ]
 
 SPLITS = ("training", "validation", "test")
@@ -110,38 +106,46 @@ def validate_datalist(entries: Sequence[Mapping], source: str, check_files: bool
     return out
 
 
+DATALIST_FIELDS = ("image", "label", "subject")
+"""The entry keys a data loader receives: other keys (age, true SBRs, ...) stay in the file."""
+
+
 def load_datalist(
     datalist_file: str | os.PathLike,
     split: str = "training",
     require_labels: bool = True,
-    fields: Sequence[str] | None = None,
+    fields: Sequence[str] | None = DATALIST_FIELDS,
 ) -> list[dict]:
-    """Read one split of a datalist JSON file, resolve relative image paths and validate every entry.
+    """Read one split of a datalist JSON file with MONAI's ``load_decathlon_datalist`` and validate every entry.
+
+    Relative image paths are resolved against the datalist's folder; labels become 0 (HC) / 1 (PD); entries
+    without a ``subject`` get one from the file name (see :func:`validate_datalist`).
 
     Args:
         datalist_file: path of the datalist JSON.
         split: ``"training"``, ``"validation"``, ``"test"`` or any other list-valued key of the file.
         require_labels: raise when an entry has no ``label``.
-        fields: keep only these keys of each entry (e.g. ``["image", "label"]`` for a data loader, whose
-            collation needs every value to be a tensor, number or string); ``None`` keeps all.
+        fields: keep only these keys of each entry (by default image, label and subject: a data loader collates
+            every value, and subject-level subsampling needs the subject); ``None`` keeps all.
+
+    Raises:
+        DatalistError: naming the file (and entry) when the file is missing or not JSON, the split is absent, an
+            image is missing or a label is not 0/HC or 1/PD.
     """
     path = Path(datalist_file)
     if not path.is_file():
         raise DatalistError(f"datalist file {path} not found.")
     try:
         content = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatalistError(f"datalist file {path} is not valid JSON: {e}") from None
-    if not isinstance(content, dict) or split not in content or not isinstance(content[split], list):
+    if not isinstance(content, dict) or not isinstance(content.get(split), list):
         keys = sorted(k for k, v in content.items() if isinstance(v, list)) if isinstance(content, dict) else []
         raise DatalistError(f"datalist file {path} has no list named {split!r}; available: {keys}.")
-    base = path.parent.resolve()
-    entries = []
-    for entry in content[split]:
-        item = dict(entry) if isinstance(entry, Mapping) else entry
-        if isinstance(item, dict) and "image" in item and not os.path.isabs(str(item["image"])):
-            item["image"] = str(base / str(item["image"]))
-        entries.append(item)
+    for i, entry in enumerate(content[split]):
+        if not isinstance(entry, Mapping) or "image" not in entry:
+            raise DatalistError(f"{path} [{split}], entry {i}: each entry needs an 'image' key, got {entry!r}.")
+    entries = load_decathlon_datalist(path, is_segmentation=False, data_list_key=split, base_dir=path.parent.resolve())
     entries = validate_datalist(entries, f"{path} [{split}]")
     if require_labels:
         for i, item in enumerate(entries):
@@ -288,43 +292,6 @@ def build_datalist(
     return out_file
 
 
-def prepare_datalist(
-    dataset_dir: str | os.PathLike,
-    datalist_name: str = "datalist.json",
-    synthetic_subjects: int = 300,
-    synthetic_seed: int = 0,
-    modality: str = "spect",
-    max_visits: int = 1,
-    workers: int = 2,
-) -> str:
-    """Return ``<dataset_dir>/<datalist_name>``, generating the synthetic phantom set first when it is absent.
-
-    A folder that holds scans but no datalist is not overwritten: the error explains how to build a datalist for
-    one's own data.
-    """
-    dataset_dir = Path(dataset_dir)
-    datalist = dataset_dir / datalist_name
-    if datalist.is_file():
-        return str(datalist)
-    if dataset_dir.is_dir() and any(dataset_dir.rglob("*.nii*")):
-        raise DatalistError(
-            f"{dataset_dir} holds scans but no {datalist_name}. Build one with "
-            f"`python -m scripts.data --images {dataset_dir} --labels labels.csv --out {datalist}`."
-        )
-    from scripts.synthetic.phantom import generate_dataset
-
-    print(f"No datalist in {dataset_dir}: generating {synthetic_subjects} synthetic {modality} phantom subjects.")
-    path = generate_dataset(
-        dataset_dir,
-        n_subjects=synthetic_subjects,
-        seed=synthetic_seed,
-        modality=modality,
-        max_visits=max_visits,
-        workers=workers,
-    )
-    return str(path)
-
-
 def _is_dicom_series(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
 
@@ -413,9 +380,7 @@ class IntensityNormalize(Transform):
     MODES = ("minmax", "occipital", "zscore")
 
     def __init__(self, mode: str = "minmax", eps: float = 1e-8) -> None:
-        if mode not in self.MODES:
-            raise ValueError(f"intensity mode must be one of {self.MODES}, got {mode!r}.")
-        self.mode = mode
+        self.mode = look_up_option(mode, self.MODES)
         self.eps = eps
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
@@ -455,35 +420,6 @@ class IntensityNormalized(MapTransform):
                 name = d[key].meta.get("filename_or_obj", key) if isinstance(d[key], MetaTensor) else key
                 raise InputError(f"{name}: {e}") from None
         return d
-
-
-def preprocessing_transforms(
-    keys: KeysCollection = "image",
-    spatial_size: Sequence[int] = (64, 64, 64),
-    intensity: str = "minmax",
-    label_key: str | None = "label",
-) -> list:
-    """The deterministic preprocessing shared by every config (cache its output once).
-
-    load (NIfTI / DICOM) → channel first → RAS orientation → trilinear resize to ``spatial_size``
-    (align corners, as the original study) → intensity normalisation → float32 tensors.
-    """
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    transforms = [
-        LoadScand(keys),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Resized(keys, spatial_size=tuple(int(s) for s in spatial_size), mode="trilinear", align_corners=True),
-        IntensityNormalized(keys, mode=intensity),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=True),
-    ]
-    if label_key is not None:
-        transforms.append(EnsureTyped(label_key, dtype=torch.long, track_meta=False, allow_missing_keys=True))
-    return transforms
-
-
-def preprocessing(**kwargs) -> Compose:
-    """:func:`preprocessing_transforms` as a ``Compose``."""
-    return Compose(preprocessing_transforms(**kwargs))
 
 
 # --------------------------------------------------------------------------------------------------------------------

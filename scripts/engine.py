@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -107,21 +108,31 @@ def _scan_keys(batchdata: dict, key: str) -> list[str] | None:
 
 
 def loss_terms(output) -> dict[str, float]:
-    """``output_transform`` for Stats/TensorBoard handlers: every loss term of the last iteration."""
+    """``output_transform`` for Stats/TensorBoard/MLflow handlers: the loss of the last iteration as
+    ``train_loss`` and, for a distillation run, each of its terms as ``loss_<term>`` (``loss_ce``, ``loss_fg``...)."""
     first = output[0] if isinstance(output, list) else output
-    return {k: float(v) for k, v in first.items() if k == Keys.LOSS or k.startswith("loss_")}
+    terms = {"train_loss": float(first[Keys.LOSS])}
+    terms.update({k: float(v) for k, v in first.items() if k.startswith("loss_")})
+    return terms
 
 
 class DistillationTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` that adds knowledge distillation from a frozen 3D teacher.
 
-    Each iteration: the student (2D) sees ``batch[image_key]`` (a projection), the teacher (3D, eval mode, no
-    gradient) sees ``batch[teacher_key]`` (the volume of the same scan). The student's embedding is captured at
-    the input of its ``head`` during the one forward pass that produces the logits, so the distillation terms act
-    on the weights that classify (also under ``DistributedDataParallel``). The loss function is called as
-    ``loss_function(student_logits, student_embedding, labels, teacher_logits, teacher_embedding)`` and returns a
-    dict with ``"loss"`` and its terms; every term is put in the engine output as ``loss_<term>`` for logging.
-    All MONAI iteration events fire, so postprocessing, metrics and handlers work as with the base trainer.
+    The iteration is MONAI's own (``SupervisedTrainer._iteration``: batch preparation, optional ``torch.compile``,
+    automatic mixed precision, every iteration event); distillation plugs into it at two points:
+
+    * at ``ITERATION_STARTED`` the frozen teacher (3D, eval mode, no gradient) computes its logits and pooled
+      embedding of ``batch[teacher_key]`` (the volume of the same scans), or reads them from the
+      :class:`TeacherOutputCache`;
+    * the ``loss_function`` MONAI calls as ``loss(pred, label)`` is a wrapper around the distillation loss, called
+      as ``loss_function(student_logits, student_embedding, labels, teacher_logits, teacher_embedding)``. The
+      student's embedding is captured at the input of its ``head`` during the one forward pass that produces the
+      logits, so the distillation terms act on the weights that classify (also under
+      ``DistributedDataParallel``). Under mixed precision the loss is computed in float32.
+
+    The loss returns a dict with ``"loss"`` and its terms; every term is put in the engine output as
+    ``loss_<term>`` at ``LOSS_COMPLETED`` for logging (see :func:`loss_terms`).
 
     Args:
         teacher: the 3D teacher network (``forward_with_embedding`` returning ``(logits, embedding)``).
@@ -131,12 +142,14 @@ class DistillationTrainer(SupervisedTrainer):
             (the no-KD baseline); the teacher is then neither loaded nor run.
         cache_teacher_outputs: reuse teacher outputs per scan after the first epoch (valid only when no random
             transform touches the teacher's input).
-        kwargs: the ``SupervisedTrainer`` arguments (``network`` must have a ``head`` module taking the
+        loss_function: the distillation loss (e.g. :class:`scripts.losses.DistillationLoss`).
+        kwargs: the other ``SupervisedTrainer`` arguments (``network`` must have a ``head`` module taking the
             embedding).
     """
 
     def __init__(
         self,
+        loss_function: Callable[..., dict[str, torch.Tensor]],
         teacher: nn.Module | None = None,
         teacher_checkpoint: str | os.PathLike | None = None,
         teacher_key: str = "image_3d",
@@ -144,7 +157,8 @@ class DistillationTrainer(SupervisedTrainer):
         cache_teacher_outputs: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        self.distillation_loss = loss_function
+        super().__init__(loss_function=self._loss, **kwargs)
         self.kd_enabled = bool(kd_enabled)
         self.teacher_key = teacher_key
         self.teacher: nn.Module | None = None
@@ -160,13 +174,25 @@ class DistillationTrainer(SupervisedTrainer):
             raise ValueError(
                 f"the student {type(_unwrap(self.network)).__name__} has no 'head' module to read embeddings from."
             )
-        self._embedding: torch.Tensor | None = None
         head.register_forward_pre_hook(self._capture_embedding)
+        self._embedding: torch.Tensor | None = None
+        self._teacher_outputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._terms: dict[str, torch.Tensor] = {}
+        self.add_event_handler(Events.ITERATION_STARTED, self._run_teacher)
+        self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._record_terms)
 
     def _capture_embedding(self, module: nn.Module, args: tuple) -> None:
         self._embedding = args[0]
 
-    def _teacher_outputs(self, batchdata: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_teacher(self, engine: DistillationTrainer) -> None:
+        """``ITERATION_STARTED``: the teacher outputs for this batch (``(None, None)`` without distillation)."""
+        self._embedding = None
+        if not self.kd_enabled:
+            self._teacher_outputs = (None, None)
+            return
+        self._teacher_outputs = self._teacher_outputs_of(engine.state.batch, engine.state.device)
+
+    def _teacher_outputs_of(self, batchdata: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         keys = _scan_keys(batchdata, self.teacher_key) if self.teacher_cache is not None else None
         if keys is not None:
             cached = self.teacher_cache.get(keys)
@@ -183,46 +209,19 @@ class DistillationTrainer(SupervisedTrainer):
             self.teacher_cache.put(keys, logits, embedding)
         return logits, embedding
 
-    def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[
-            :2
-        ]
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-        teacher_logits = teacher_embedding = None
-        if engine.kd_enabled:
-            teacher_logits, teacher_embedding = engine._teacher_outputs(batchdata, engine.state.device)
-
-        def _forward_and_loss() -> None:
-            engine._embedding = None
-            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            if engine._embedding is None:
-                raise RuntimeError("the student's head was not called; cannot read its embedding.")
-            terms = engine.loss_function(
-                engine.state.output[Keys.PRED], engine._embedding, targets, teacher_logits, teacher_embedding
+    def _loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss MONAI's iteration calls: the distillation loss on the captured embedding, in float32."""
+        if self._embedding is None:
+            raise RuntimeError("the student's head was not called; cannot read its embedding.")
+        teacher_logits, teacher_embedding = self._teacher_outputs
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            self._terms = self.distillation_loss(
+                pred.float(), self._embedding.float(), target, teacher_logits, teacher_embedding
             )
-            engine.state.output[Keys.LOSS] = terms["loss"]
-            for name, value in terms.items():
-                if name != "loss":
-                    engine.state.output[f"loss_{name}"] = float(value)
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        return self._terms["loss"]
 
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _forward_and_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _forward_and_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine._embedding = None
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+    def _record_terms(self, engine: DistillationTrainer) -> None:
+        """``LOSS_COMPLETED``: every loss term in the engine output as ``loss_<term>``, for the handlers."""
+        for name, value in self._terms.items():
+            if name != "loss":
+                engine.state.output[f"loss_{name}"] = float(value)

@@ -4,8 +4,10 @@
 
 MONAI wraps exceptions raised inside transforms and config components (``RuntimeError: applying transform
 ...``), which buries the useful message. Every input problem the bundle detects raises an :class:`InputError`
-that names the file and the problem; :func:`install_excepthook` (called by every config's ``initialize``)
-prints that message alone when such an error ends the program. Other errors keep their full traceback.
+that names the file and the problem. When the program is MONAI's bundle command line (``python -m monai.bundle``,
+also under ``torchrun``), :func:`install_cli_excepthook` (called by every config's ``initialize``) prints that
+message alone when such an error ends the program. Inside any other program (a MONAI Label server, a notebook,
+pytest) it does nothing: library code never replaces another program's exception hook.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["InputError", "MissingFileError", "find_input_error", "install_excepthook"]
+__all__ = ["InputError", "MissingFileError", "find_input_error", "install_cli_excepthook"]
+
+CLI_MODULES = ("monai.bundle.__main__",)
+"""``__main__`` module names of the command lines whose exception hook the bundle may set."""
 
 
 class InputError(ValueError):
@@ -43,6 +48,17 @@ def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType |
     print(f"error: {error}", file=sys.stderr)
 
 
-def install_excepthook() -> None:
-    """Report :class:`InputError`s as ``error: <message>`` (exit status 1) instead of a traceback."""
+def _running_cli() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name in CLI_MODULES
+
+
+def install_cli_excepthook() -> bool:
+    """Report :class:`InputError`s as ``error: <message>`` (exit status 1) instead of a traceback.
+
+    Only when the running program is MONAI's bundle command line; returns whether the hook was installed.
+    """
+    if not _running_cli():
+        return False
     sys.excepthook = _hook
+    return True

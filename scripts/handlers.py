@@ -1,6 +1,9 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Ignite/MONAI event handlers of the bundle: the metrics JSON writer and checkpoint publishing."""
+"""Event handlers that MONAI does not ship: checkpoint publishing, streaming per-scan predictions, projection PNGs.
+
+Metrics, metric files and checkpoints of a run use MONAI's and ignite's own handlers (see the configs).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,13 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from scripts.metrics import classification_report, pd_score_and_label
-
 __all__ = [
-    "ClassificationReportSaver",
     "PublishCheckpoint",
     "PredictionSaver",
     "ProjectionPNGSaver",
@@ -57,101 +56,6 @@ def _filenames(batch, key: str = "image") -> list[str]:
             return []
         names.append(str(name))
     return names
-
-
-class ClassificationReportSaver:
-    """Write the bundle's classification metrics and per-scan predictions to JSON after each evaluation.
-
-    Under ``DistributedDataParallel`` the handler must run on every rank: the records are gathered and rank 0
-    alone writes the file, with each scan once.
-
-    The file holds ``{"split", "epoch", "metrics": classification_report(...), "predictions": [{"image",
-    "label", "pd_probability", "predicted"}, ...]}``; with ``history=True`` earlier evaluations are kept under
-    ``"history"`` (epoch and metrics only), so a training run's validation curve is in one file.
-
-    Args:
-        output_dir: folder of the JSON file (created when needed).
-        filename: JSON file name.
-        split: name of the evaluated split, recorded in the file.
-        output_transform: engine output → ``(pd_scores (N,), labels (N,))``.
-        trainer: optional trainer whose epoch is recorded (validation during training).
-        history: keep a history of the earlier evaluations in the file.
-        threshold: PD decision threshold.
-    """
-
-    def __init__(
-        self,
-        output_dir: str | os.PathLike,
-        filename: str = "metrics.json",
-        split: str = "test",
-        output_transform: Callable = pd_score_and_label,
-        trainer: Engine | None = None,
-        history: bool = False,
-        threshold: float = 0.5,
-    ) -> None:
-        self.path = Path(output_dir) / filename
-        self.split = split
-        self.output_transform = output_transform
-        self.trainer = trainer
-        self.history = history
-        self.threshold = threshold
-        self._records: list[dict] = []
-        self._history: list[dict] = []
-        self.last_report: dict | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self._records = []
-
-    def _collect(self, engine: Engine) -> None:
-        scores, labels = self.output_transform(engine.state.output)
-        names = _filenames(engine.state.batch)
-        if len(names) != len(scores):
-            names = [f"scan_{len(self._records) + i}" for i in range(len(scores))]
-        for name, score, label in zip(names, scores.tolist(), labels.tolist()):
-            self._records.append({"image": name, "label": int(label), "pd_probability": float(score)})
-
-    def _gather(self) -> list[dict] | None:
-        """All ranks' records on rank 0 (``None`` on the other ranks); a collective call under DDP.
-
-        ``DistributedSampler(even_divisible=True)`` pads the last batch with repeated scans: duplicates of a
-        scan are kept once.
-        """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self._records
-        gathered: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather_object(gathered, self._records)
-        if torch.distributed.get_rank() != 0:
-            return None
-        unique: dict[str, dict] = {}
-        for records in gathered:
-            for record in records:
-                unique.setdefault(record["image"], record)
-        return sorted(unique.values(), key=lambda r: r["image"])
-
-    def _write(self, engine: Engine) -> None:
-        records = self._gather()
-        if not records:
-            return
-        self._records = records
-        labels = torch.tensor([r["label"] for r in self._records])
-        scores = torch.tensor([r["pd_probability"] for r in self._records])
-        report = classification_report(labels, scores, threshold=self.threshold)
-        epoch = self.trainer.state.epoch if self.trainer is not None else engine.state.epoch
-        for r in self._records:
-            r["predicted"] = int(r["pd_probability"] >= self.threshold)
-        if self.history:
-            self._history.append({"epoch": epoch, "metrics": report})
-        content = {"split": self.split, "epoch": epoch, "threshold": self.threshold, "metrics": report}
-        if self.history:
-            content["history"] = self._history
-        content["predictions"] = self._records
-        atomic_write_json(self.path, content)
-        self.last_report = report
 
 
 class PublishCheckpoint:
@@ -194,8 +98,8 @@ def _stem(path: str) -> str:
 class PredictionSaver:
     """Write one row per scan (image, PD probability, predicted class, projection) to CSV and JSON.
 
-    Files are written when the evaluator completes, to ``<output_dir>/predictions.csv`` and ``.json``; a
-    scan's probability is the softmax PD channel of the network output.
+    Files are written when the evaluator completes, to ``<output_dir>/predictions.csv`` and ``.json``. ``pred``
+    must hold class probabilities (the configs' postprocessing applies the softmax); channel 1 is PD.
 
     Args:
         output_dir: folder of the outputs (created when needed).
@@ -223,8 +127,6 @@ class PredictionSaver:
         preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
         probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
         probs = probs.float().reshape(probs.shape[0], -1)
-        if (probs < 0).any() or (probs > 1).any():
-            probs = torch.softmax(probs, dim=1)
         names = _filenames(engine.state.batch) or [f"scan_{len(self.rows) + i}" for i in range(len(probs))]
         for name, p in zip(names, probs[:, 1].tolist()):
             predicted = int(p >= self.threshold)

@@ -1,6 +1,11 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Binary PD-vs-HC classification metrics, shared by every evaluation path of the bundle.
+"""Binary PD-vs-HC classification metrics from per-scan scores, for the paths that have no engine.
+
+The study report and the SBR threshold baseline compute their tables from saved per-scan predictions with
+:func:`classification_report`. Engines (training validation, ``configs/evaluate.json``) use MONAI's and
+ignite's metric handlers instead (``Fbeta``, ``Accuracy``, ``ROCAUC``, ``ConfusionMatrix``); the tests check that
+both give the same numbers.
 
 Label convention everywhere: ``0 = HC`` (healthy control), ``1 = PD`` (Parkinson's disease, the positive
 class). Sensitivity is PD recall, specificity is HC recall.
@@ -12,10 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from ignite.metrics import EpochMetric
 from monai.metrics import compute_roc_auc
 
-__all__ = ["classification_report", "pd_score_and_label", "ClassificationMetric", "METRIC_NAMES"]
+__all__ = ["classification_report", "METRIC_NAMES"]
 
 METRIC_NAMES = (
     "accuracy",
@@ -80,54 +84,3 @@ def classification_report(
         "n_pd": n_pd,
         "n_hc": n_hc,
     }
-
-
-def _stack(values) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        return values
-    return torch.stack([torch.as_tensor(v).reshape(-1) for v in values])
-
-
-def pd_score_and_label(output) -> tuple[torch.Tensor, torch.Tensor]:
-    """``output_transform`` for engines: ``(N,)`` PD probabilities and ``(N,)`` labels from an engine output.
-
-    Accepts the decollated output of MONAI engines (a list of per-scan dicts with ``pred`` = class probabilities
-    or logits of shape ``(2,)`` and ``label`` = a 0-d or ``(1,)`` tensor) and the batched form (a dict of
-    ``(N, 2)`` predictions and ``(N,)`` labels).
-    """
-    if isinstance(output, dict):
-        preds, labels = _stack(output["pred"]), _stack(output["label"])
-    else:
-        preds, labels = _stack([o["pred"] for o in output]), _stack([o["label"] for o in output])
-    preds = preds.float().reshape(preds.shape[0], -1)
-    if preds.shape[1] != 2:
-        raise ValueError(f"expected 2 class scores (HC, PD) per scan, got shape {tuple(preds.shape)}.")
-    if (preds < 0).any() or (preds > 1).any():  # logits: turn into probabilities
-        preds = torch.softmax(preds, dim=1)
-    return preds[:, 1].detach(), labels.reshape(-1).long().detach()
-
-
-class ClassificationMetric(EpochMetric):
-    """Any metric of :func:`classification_report` as an ignite metric (epoch-level, DDP-aware).
-
-    Args:
-        metric: one of :data:`METRIC_NAMES`.
-        output_transform: maps the engine output to ``(pd_scores (N,), labels (N,))``; defaults to
-            :func:`pd_score_and_label`.
-        threshold: PD decision threshold on the score.
-
-    Undefined values (e.g. ROC AUC with one class present) are reported as ``nan``.
-    """
-
-    def __init__(
-        self, metric: str = "f1_macro", output_transform=pd_score_and_label, threshold: float = 0.5, device="cpu"
-    ) -> None:
-        if metric not in METRIC_NAMES:
-            raise ValueError(f"metric must be one of {METRIC_NAMES}, got {metric!r}.")
-        self.metric = metric
-
-        def compute(scores: torch.Tensor, labels: torch.Tensor) -> float:
-            value = classification_report(labels, scores, threshold=threshold)[metric]
-            return float("nan") if value is None else float(value)
-
-        super().__init__(compute, output_transform=output_transform, check_compute_fn=False, device=device)

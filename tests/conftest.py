@@ -45,3 +45,19 @@ def tiny_phantom_dataset(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("phantoms")
     return generate_dataset(out, n_subjects=30, seed=3, workers=1)
+
+
+def config_preprocessing(spatial_size=(64, 64, 64), intensity="minmax", projection=None, **overrides):
+    """The bundle's preprocessing as ``configs/inference.json`` defines it (``volume_transforms``, then the
+    projection when ``projection`` is given), with the grid, the intensity mode and any other overrides."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser.update({"spatial_size": list(spatial_size), "intensity": intensity, **overrides})
+    transforms = list(parser.get_parsed_content("volume_transforms"))
+    if projection is not None:
+        parser["projection"] = projection
+        transforms.append(parser.get_parsed_content("projection_transform"))
+    return Compose(transforms)

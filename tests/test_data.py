@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import MNI_AFFINE, write_nifti
+from conftest import MNI_AFFINE, config_preprocessing, write_nifti
+from monai.data import list_data_collate
 
 from scripts.data import (
     DatalistError,
@@ -14,7 +15,6 @@ from scripts.data import (
     list_scans,
     load_datalist,
     main,
-    preprocessing,
     split_by_subject,
     subsample_by_subject,
 )
@@ -85,7 +85,7 @@ def test_build_datalist_from_folder_and_csv(tmp_path):
     visits = [s for s in ("training", "validation", "test") for e in content[s] if e["subject"] == "patient1"]
     assert len(visits) == 2 and len(set(visits)) == 1
     assert len(where) == 10
-    entry = load_datalist(out, "training")[0]
+    entry = load_datalist(out, "training", fields=None)[0]  # every column kept
     assert entry["label"] in (0, 1) and entry["image"].startswith(str(tmp_path)) and entry["age"].isdigit()
     # relative paths in the file so the folder can move
     assert not content["training"][0]["image"].startswith("/")
@@ -143,10 +143,11 @@ def test_preprocessing_shape_orientation_and_affine(tmp_path):
     vol[tuple(ijk)] = 100.0
     path = write_nifti(tmp_path / "v.nii.gz", vol)
     world = MNI_AFFINE @ np.append(ijk, 1)
-    out = preprocessing(spatial_size=(64, 64, 64), intensity="minmax")({"image": str(path), "label": 1})
+    out = config_preprocessing(spatial_size=(64, 64, 64), intensity="minmax")({"image": str(path), "label": 1})
     img = out["image"]
     assert tuple(img.shape) == (1, 64, 64, 64) and img.dtype == torch.float32
-    assert out["label"].dtype == torch.long and int(out["label"]) == 1
+    batch = list_data_collate([out])  # what the engines receive
+    assert batch["label"].dtype == torch.long and batch["label"].tolist() == [1]
     affine = img.affine.numpy()
     assert np.all(np.diag(affine)[:3] > 0)  # RAS after orientation
     peak = np.unravel_index(int(torch.argmax(img[0])), (64, 64, 64))
@@ -164,7 +165,7 @@ def test_intensity_modes():
     z = IntensityNormalize("zscore")(x)
     assert float(z.mean()) == pytest.approx(0, abs=1e-6) and float(z.std()) == pytest.approx(1, abs=1e-6)
     assert torch.all(IntensityNormalize("minmax")(torch.ones(1, 2, 2, 2)) == 0)
-    with pytest.raises(ValueError, match="intensity mode must be one of"):
+    with pytest.raises(ValueError, match="percentile"):
         IntensityNormalize("percentile")
 
 
@@ -175,9 +176,7 @@ def test_occipital_normalisation_reads_the_reference_region(tmp_path):
     vol = np.full((91, 109, 91), 2.0, np.float32)
     vol[rois["occipital"]] = 4.0
     path = write_nifti(tmp_path / "v.nii.gz", vol)
-    img = preprocessing(spatial_size=(91, 109, 91), intensity="occipital", label_key=None)({"image": str(path)})[
-        "image"
-    ]
+    img = config_preprocessing(spatial_size=(91, 109, 91), intensity="occipital")({"image": str(path)})["image"]
     # the occipital region reads 1 and the rest 0.5 (interior voxels, away from the region's border)
     assert float(torch.median(img)) == pytest.approx(0.5, abs=1e-4)
     assert float(img.max()) == pytest.approx(1.0, abs=1e-4)
@@ -198,7 +197,7 @@ def test_bad_scans_give_a_clear_error_naming_the_file(tmp_path, content, message
     else:
         write_nifti(path, content)
     with pytest.raises(Exception) as err:
-        preprocessing(spatial_size=(8, 8, 8))({"image": str(path), "label": 0})
+        config_preprocessing(spatial_size=(8, 8, 8))({"image": str(path), "label": 0})
     error = find_input_error(err.value)  # MONAI wraps it in "applying transform"; the excepthook prints this
     assert error is not None and message in str(error) and str(path) in str(error)
 
@@ -216,7 +215,7 @@ def test_dicom_series_folder_is_read_with_itk(tmp_path):
     )
     writer.Update()
     assert [e["image"] for e in list_scans(folder)] == [str(folder)]
-    out = preprocessing(spatial_size=(8, 10, 12), intensity="minmax", label_key=None)({"image": str(folder)})
+    out = config_preprocessing(spatial_size=(8, 10, 12), intensity="minmax")({"image": str(folder)})
     assert tuple(out["image"].shape) == (1, 8, 10, 12)
 
 

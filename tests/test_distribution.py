@@ -54,7 +54,7 @@ SHARED_HANDLERS = {
     "ValidationHandler",
     "LrScheduleHandler",
     "EarlyStopHandler",
-    "scripts.handlers.ClassificationReportSaver",
+    "MetricsSaver",  # gathers across ranks and writes on rank 0 itself (save_rank)
 }
 
 
@@ -94,6 +94,7 @@ def _parser(*names: str) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / n) for n in names])
     parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser.resolve_macro_and_relative_ids()  # blocks a training config includes from another config file
     return parser
 
 
@@ -469,34 +470,40 @@ def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_pat
 # --------------------------------------------------------------------------------------------------------------------
 # multi-GPU overrides (torchrun); run on CPU with the gloo backend
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("base", "override"),
-    [("train_teacher.json", "multi_gpu_train_teacher.json"), ("distill.json", "multi_gpu_distill.json")],
-)
-def test_multi_gpu_override_disables_exactly_the_writing_handlers_on_other_ranks(base, override):
-    merged = _parser(base, override)
+@pytest.mark.parametrize("base", ["train_teacher.json", "distill.json"])
+def test_one_multi_gpu_override_serves_both_trainings_and_rank0_alone_writes(base):
+    merged = _parser(base, "multi_gpu.json")
     for section in ("train", "validate"):
         for i, handler in enumerate(merged[f"{section}#handlers"]):
             if isinstance(handler, str):  # a reference (the early-stop handler): must stay on every rank
                 continue
             disabled = str(handler.get("_disabled_", ""))
-            where = f"{override}: {section}#handlers#{i} ({handler['_target_']})"
+            where = f"{base}: {section}#handlers#{i} ({handler['_target_']})"
             if handler["_target_"] in WRITING_HANDLERS:
-                assert "is_not_rank0" in disabled, f"{where} writes but is not disabled on rank > 0"
+                assert "not" in disabled and "@is_rank0" in disabled, f"{where} writes but runs on every rank"
             else:
                 assert handler["_target_"] in SHARED_HANDLERS, f"{where}: decide whether it runs on every rank"
-                assert "is_not_rank0" not in disabled, f"{where} takes part in training and must run on every rank"
+                assert "is_rank0" not in disabled, f"{where} takes part in training and must run on every rank"
     network = merged["network"]
     assert network["_target_"] == "torch.nn.parallel.DistributedDataParallel" and "@network_def" in network["module"]
     assert "DistributedDataParallel" not in json.dumps(merged.get("teacher_def", {}))
     for section in ("train", "validate"):
-        assert merged[f"{section}#dataloader#sampler"] == f"@{section}#sampler"
+        assert merged[f"{section}#dataloader#sampler"].replace("::", "#") == f"@{section}#sampler"
         assert merged[f"{section}#sampler#_target_"] == "DistributedSampler"
-    assert merged["train#dataloader#shuffle"] is False
+    assert merged["validate#sampler#even_divisible"] is False  # each validation scan counted once
     assert any("destroy_process_group" in str(step) for step in merged["finalize"])
+    # the flag is what decides: evaluated on rank 0 the writing handlers are on, on another rank they are off
+    for rank0 in (True, False):
+        merged = _parser(base, "multi_gpu.json")
+        merged.update({"is_rank0": rank0, "progress_bar": True})
+        for section in ("train", "validate"):
+            for i, handler in enumerate(merged[f"{section}#handlers"]):
+                if isinstance(handler, dict) and handler["_target_"] in WRITING_HANDLERS:
+                    disabled = merged.get_parsed_content(f"{section}#handlers#{i}#_disabled_")
+                    assert disabled is (not rank0), f"{section}#handlers#{i} on rank0={rank0}: disabled={disabled}"
 
 
-def _torchrun(config: str, override: str, bundle_root: Path, data: Path, logs: Path) -> None:
+def _torchrun(config: str, bundle_root: Path, data: Path, logs: Path) -> None:
     args = [
         sys.executable,
         "-m",
@@ -513,14 +520,14 @@ def _torchrun(config: str, override: str, bundle_root: Path, data: Path, logs: P
         "run",
         "training",
         "--config_file",
-        _config_list(config, override),
+        _config_list(config, "multi_gpu.json"),
         "--bundle_root",
         str(bundle_root),
         "--dataset_dir",
         str(data),
         *TINY,
     ]
-    _run(args, cwd=bundle_root, env=_env(pythonpath=BUNDLE_ROOT), timeout=400)
+    _run(args, cwd=BUNDLE_ROOT, env=_env(pythonpath=BUNDLE_ROOT), timeout=400)
 
 
 def _rank_logs(logs: Path) -> dict[int, str]:
@@ -542,9 +549,12 @@ def _check_single_writer(bundle_root: Path, logs: Path, trainer: str, checkpoint
     assert len(runs) == 1, f"expected one run folder (rank 0's), found {[p.name for p in runs]}"
     run = runs[0]
     assert [p.name for p in run.glob("*.pt")] == [checkpoint]
-    assert [p.name for p in run.glob("*.json")] == ["validation_metrics.json"]
-    report = json.loads((run / "validation_metrics.json").read_text())
-    assert report["metrics"]["n"] == 2  # the whole validation split: both ranks' scans, gathered on rank 0
+    assert [p.name for p in run.rglob("*.csv")] == ["metrics.csv"]
+    with (run / "validation" / "metrics.csv").open() as f:
+        metrics = {name: float(value) for name, value in csv.reader(f)}
+    # the validation split holds one HC and one PD scan, one per rank: ROC AUC, sensitivity and specificity are
+    # defined only when the metrics gather both ranks' scans
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("val_auc", "val_sensitivity", "val_specificity")), metrics
     events = list(run.glob("events.out.tfevents.*"))
     assert events and len({p.name.split(".")[-2] for p in events}) == 1  # one writing process (pid in the name)
     published = bundle_root / "models" / checkpoint
@@ -557,7 +567,7 @@ def _check_single_writer(bundle_root: Path, logs: Path, trainer: str, checkpoint
 def test_torchrun_two_processes_train_the_teacher_and_only_rank0_writes(tmp_path, phantoms):
     bundle_root = tmp_path / "bundle"
     bundle_root.mkdir()
-    _torchrun("train_teacher.json", "multi_gpu_train_teacher.json", bundle_root, phantoms, tmp_path / "logs")
+    _torchrun("train_teacher.json", bundle_root, phantoms, tmp_path / "logs")
     run = _check_single_writer(bundle_root, tmp_path / "logs", "SupervisedTrainer", "teacher.pt", "train_teacher.json")
     # TensorBoard scalars of the run: the training loss per iteration and the validation metrics per epoch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -575,7 +585,7 @@ def test_torchrun_two_processes_distil_the_student_and_only_rank0_writes(tmp_pat
     (bundle_root / "models").mkdir(parents=True)
     teacher = _network("distill.json", "teacher_def", seed=5)
     torch.save(teacher.state_dict(), bundle_root / "models" / "teacher.pt")
-    _torchrun("distill.json", "multi_gpu_distill.json", bundle_root, phantoms, tmp_path / "logs")
+    _torchrun("distill.json", bundle_root, phantoms, tmp_path / "logs")
     _check_single_writer(bundle_root, tmp_path / "logs", "DistillationTrainer", "model.pt", "inference.json")
     # the frozen teacher is read, never written
     saved = torch.load(bundle_root / "models" / "teacher.pt", weights_only=True)
@@ -602,7 +612,7 @@ def test_mlflow_tracking_of_teacher_training_and_distillation(tmp_path, phantoms
     config = str(CONFIGS / "train_teacher.json")
     _run(
         _bundle("run", "training", "--config_file", config, *common, "--tracking", "mlflow", "--tracking_uri", uri),
-        cwd=tmp_path,
+        cwd=BUNDLE_ROOT,  # the training configs include blocks of configs/inference.json (paths from the bundle root)
         env=_env(pythonpath=BUNDLE_ROOT),
     )
     # the bundle's settings (configs/mlflow.json): every loss term, the run's parameters, its validation report
@@ -610,7 +620,7 @@ def test_mlflow_tracking_of_teacher_training_and_distillation(tmp_path, phantoms
     config = str(CONFIGS / "distill.json")
     _run(
         _bundle("run", "training", "--config_file", config, *common, "--tracking", settings),
-        cwd=tmp_path,
+        cwd=BUNDLE_ROOT,
         env=_env(pythonpath=BUNDLE_ROOT),
     )
 
@@ -624,14 +634,15 @@ def test_mlflow_tracking_of_teacher_training_and_distillation(tmp_path, phantoms
     (run,) = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("distill-")
     assert [p.name for p in (bundle_root / "eval").glob("distill-*")] == [run.info.run_name]
-    for term in ("loss", "loss_ce", "loss_fg", "loss_lg"):
+    for term in ("train_loss", "loss_ce", "loss_fg", "loss_lg"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, term)] == [1, 2, 3, 4]
     assert {"val_f1_macro", "val_auc", "val_accuracy"} <= set(run.data.metrics)
     params = run.data.params
     assert params["network"] == "Student2D" and params["projection"] == "joint_fusion_slices"
     assert params["spatial_size"] == "[32, 32, 32]" and "fg_weight" in params["loss_settings"]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert "validation_metrics.json" in artifacts
-    local = client.download_artifacts(run.info.run_id, "validation_metrics.json", str(tmp_path))
-    logged = json.loads(Path(local).read_text())
-    assert logged["split"] == "validation" and logged["metrics"]["n"] == 2
+    assert "metrics.csv" in artifacts
+    local = client.download_artifacts(run.info.run_id, "metrics.csv", str(tmp_path))
+    with open(local) as f:
+        logged = {name: float(value) for name, value in csv.reader(f)}
+    assert logged["val_f1_macro"] == pytest.approx(run.data.metrics["val_f1_macro"])

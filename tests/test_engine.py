@@ -72,7 +72,7 @@ def test_every_iteration_event_fires_and_terms_are_logged(teacher_file):
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(loss_terms(e.state.output)))
     trainer.run()
     assert all(count == 2 for count in fired.values()), fired
-    assert set(terms[0]) == {"loss", "loss_ce", "loss_fg", "loss_lg", "loss_decor"}
+    assert set(terms[0]) == {"train_loss", "loss_ce", "loss_fg", "loss_lg", "loss_decor"}
     assert terms[0]["loss_fg"] > 0 and terms[0]["loss_lg"] > 0
     # postprocessing ran on the decollated output (probabilities sum to one)
     assert torch.allclose(trainer.state.output[0]["pred"].sum(), torch.tensor(1.0))
@@ -106,7 +106,7 @@ def test_teacher_cache_computes_each_scan_once_and_changes_nothing(teacher_file)
 def test_kd_gradient_reaches_the_classifying_weights(teacher_file):
     # with CE switched off, the only gradient comes from the distillation terms; it must move the student
     trainer = _trainer(teacher_file, epochs=1)
-    trainer.loss_function = DistillationLoss(cls_weight=0.0, fg_weight=1.0, lg_weight=0.0)
+    trainer.distillation_loss = DistillationLoss(cls_weight=0.0, fg_weight=1.0, lg_weight=0.0)
     before = copy.deepcopy(trainer.network.encoder.state_dict())
     trainer.run()
     assert any(not torch.equal(before[k], v) for k, v in trainer.network.encoder.state_dict().items())

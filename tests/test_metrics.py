@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import BUNDLE_ROOT
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
 
-from scripts.metrics import ClassificationMetric, classification_report, pd_score_and_label
+from scripts.metrics import classification_report
 
 
 def test_report_matches_hand_counts():
@@ -47,34 +49,56 @@ def test_report_rejects_length_mismatch_and_empty():
         classification_report([], [])
 
 
-def test_pd_score_accepts_decollated_and_batched_outputs():
-    probs = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
-    decollated = [{"pred": probs[0], "label": torch.tensor(1)}, {"pred": probs[1], "label": torch.tensor([0])}]
-    s, y = pd_score_and_label(decollated)
-    assert torch.allclose(s, torch.tensor([0.7, 0.1])) and y.tolist() == [1, 0]
-    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
-    s, _ = pd_score_and_label({"pred": logits, "label": torch.tensor([1, 0])})
-    assert torch.allclose(s, torch.softmax(logits, 1)[:, 1])
+def _config_metrics():
+    """The validation postprocessing and metric handlers exactly as ``configs/train_teacher.json`` defines them."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train_teacher.json"))
+    parser.parse()
+    post = parser.get_parsed_content("validate#postprocessing")
+    metrics = {
+        **parser.get_parsed_content("validate#key_metric"),
+        **parser.get_parsed_content("validate#additional_metrics"),
+    }
+    return post, metrics
 
 
-def test_ignite_metric_accumulates_over_iterations():
-    batches = [
-        [{"pred": torch.tensor([0.2, 0.8]), "label": torch.tensor(1)}],
-        [{"pred": torch.tensor([0.6, 0.4]), "label": torch.tensor(0)}],
-        [{"pred": torch.tensor([0.7, 0.3]), "label": torch.tensor(1)}],
-    ]
-    engine = Engine(lambda e, b: b)
-    ClassificationMetric("accuracy").attach(engine, "acc")
-    ClassificationMetric("roc_auc").attach(engine, "auc")
-    engine.run(batches, max_epochs=1)
-    assert engine.state.metrics["acc"] == pytest.approx(2 / 3)
-    assert engine.state.metrics["auc"] == pytest.approx(0.5)
+def _run_metrics(logits_batches, label_batches):
+    """Run the config's postprocessing + metrics over batches of logits, as the bundle's evaluator does."""
+    post, metrics = _config_metrics()
+
+    def step(engine, batch):
+        logits, labels = batch
+        return [post({"pred": z, "label": y}) for z, y in zip(logits, labels)]  # decollated, post-processed
+
+    engine = Engine(step)
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    engine.run(list(zip(logits_batches, label_batches)), max_epochs=1)
+    return engine.state.metrics
 
 
-def test_ignite_metric_reports_nan_for_undefined_auc():
-    engine = Engine(lambda e, b: b)
-    ClassificationMetric("roc_auc").attach(engine, "auc")
-    engine.run([[{"pred": torch.tensor([0.2, 0.8]), "label": torch.tensor(1)}]], max_epochs=1)
-    assert math.isnan(engine.state.metrics["auc"])
-    with pytest.raises(ValueError, match="metric must be one of"):
-        ClassificationMetric("precision")
+def test_config_metric_handlers_match_the_hand_computed_report():
+    # the hand-counted case above, given as logits whose softmax PD probabilities are the scores
+    labels = [1, 1, 1, 1, 0, 0]
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.2, 0.6, 0.1], dtype=torch.float64)
+    logits = torch.stack([torch.zeros_like(scores), torch.log(scores / (1 - scores))], dim=1).float()
+    y = torch.tensor(labels)
+    got = _run_metrics([logits[:4], logits[4:]], [y[:4], y[4:]])  # two iterations: metrics accumulate
+    want = classification_report(labels, scores.tolist())
+    assert got["val_accuracy"] == pytest.approx(want["accuracy"])
+    assert got["val_f1_macro"] == pytest.approx(want["f1_macro"])
+    assert got["val_auc"] == pytest.approx(want["roc_auc"])
+    assert got["val_sensitivity"] == pytest.approx(want["sensitivity"])
+    assert got["val_specificity"] == pytest.approx(want["specificity"])
+
+
+def test_config_metric_handlers_always_pd_and_single_class():
+    # always-PD predictions: sensitivity 1, specificity 0, macro-F1 = F1_PD / 2
+    logits = torch.tensor([[0.0, 3.0]] * 5)
+    got = _run_metrics([logits], [torch.tensor([1, 1, 0, 1, 1])])
+    assert got["val_sensitivity"] == 1.0 and got["val_specificity"] == 0.0
+    assert got["val_f1_macro"] == pytest.approx((2 * 4 / (2 * 4 + 1)) / 2)
+    # a split with one class only: ROC AUC is undefined (MONAI reports nan and warns)
+    with pytest.warns(UserWarning):
+        got = _run_metrics([torch.tensor([[0.0, 1.0], [1.0, 0.0]])], [torch.tensor([1, 1])])
+    assert math.isnan(got["val_auc"])

@@ -367,6 +367,12 @@ def bundle_parser(config_files: Sequence[str], overrides: Mapping[str, Any] | No
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / name) for name in config_files])
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_ROOT)  # the configs include blocks of other config files by paths from the bundle root
+    try:
+        parser.resolve_macro_and_relative_ids()
+    finally:
+        os.chdir(cwd)
     parser.update(dict(overrides or {}))
     return parser
 

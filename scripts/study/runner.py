@@ -22,6 +22,7 @@ Steps (each one a ``python -m monai.bundle run ...`` command, printed before it 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -33,9 +34,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from scripts.data import load_datalist, prepare_datalist
+from scripts.data import load_datalist
 from scripts.metrics import classification_report
 from scripts.sbr import evaluate_sbr_baseline
+from scripts.synthetic import ensure_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REPORTED = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
@@ -59,11 +61,16 @@ def run_bundle(config_files: Sequence[str], run_id: str | None, overrides: dict,
     return time.perf_counter() - start
 
 
-def read_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
+def read_metrics(run_dir: Path, datalist: str, split: str = "test") -> dict:
+    """Metrics of an evaluation run from its per-scan predictions (``predictions.csv``: file, P(HC), P(PD))."""
+    path = run_dir / "predictions.csv"
     if not path.is_file():
-        raise SystemExit(f"expected metrics at {path}, but the evaluation wrote none.")
-    return json.loads(path.read_text())["metrics"]
+        raise SystemExit(f"expected predictions at {path}, but the evaluation wrote none.")
+    with path.open() as f:
+        scores = {row[0]: float(row[2]) for row in csv.reader(f)}
+    labels = {e["image"]: e["label"] for e in load_datalist(datalist, split)}
+    names = sorted(labels)
+    return classification_report([labels[n] for n in names], [scores[n] for n in names])
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -132,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["train_teacher.json"], "training", {**teacher, "run_name": f"{run}/teacher"}, log
         )
     run_bundle(["train_teacher.json", "evaluate.json"], None, {**teacher, "run_name": f"{run}/teacher-test"}, log)
-    results = {"3D teacher": [read_metrics(root / "eval" / run / "teacher-test")]}
+    datalist = ensure_dataset(common.get("dataset_dir", root / "data" / "synthetic_spect"))
+    results = {"3D teacher": [read_metrics(root / "eval" / run / "teacher-test", datalist)]}
 
     for projection in args.projections:
         for fraction in args.train_fractions:
@@ -152,9 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_bundle(
                         ["distill.json", "evaluate.json"], None, {**overrides, "run_name": f"{run}/{tag}-test"}, log
                     )
-                    results[name].append(read_metrics(root / "eval" / run / f"{tag}-test"))
+                    results[name].append(read_metrics(root / "eval" / run / f"{tag}-test", datalist))
 
-    datalist = prepare_datalist(common.get("dataset_dir", root / "data" / "synthetic_spect"))
     sbr = evaluate_sbr_baseline(datalist, fit_split="training", eval_split="test")
     results["SBR threshold (lowest putamen)"] = [sbr["metrics"]]
     labels = [e["label"] for e in load_datalist(datalist, "test")]

@@ -363,7 +363,7 @@ def test_train_distils_on_datastore_labels_and_updates_the_served_student(server
     assert f"Labelled scans in the datastore: {len(server['truth']) - 1} ({n_hc} HC, {n_pd} PD)" in log
     assert "'spatial_size': [32, 32, 32]" in log and "'max_epochs': 1" in log
     runs = sorted((bundle / "eval").glob("distill-*"))
-    assert runs and (runs[-1] / "validation_metrics.json").is_file()
+    assert runs and (runs[-1] / "validation" / "metrics.csv").is_file()
     assert _sha256(student) != before, "training did not publish a new models/model.pt"
 
     # the server reloads the new checkpoint without a restart
