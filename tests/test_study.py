@@ -54,6 +54,23 @@ def test_presets_have_the_documented_cells():
     assert counts["full"] == {"baseline": 3, "teacher": 25, "student": 100 + 20 + 45 + 10 + 10}
 
 
+def test_list_prints_every_cell_of_a_preset():
+    out = _run("list", "--matrix", "cpu")
+    assert "138 cells (15 teacher, 120 student, 3 baseline)" in out
+    assert "student-entropy-nokd-f1-template-minmax-s4" in out and "teacher-f0.1-minmax-s2" in out
+
+
+def test_one_study_at_a_time_per_run_folder(tmp_path):
+    from scripts.study.runner import exclusive
+
+    with exclusive(tmp_path):
+        with pytest.raises(SystemExit, match="another study is running"):
+            with exclusive(tmp_path):
+                pass
+    with exclusive(tmp_path):  # released
+        pass
+
+
 def test_cells_are_unique_and_teachers_come_before_their_students():
     spec = preset("cpu")
     cells = build_cells(spec)

@@ -296,6 +296,7 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
     overrides = network_overrides(ctx, cell)
     if cell.kind == "student" and cell.kd and not Path(overrides["teacher_ckpt"]).is_file():
         raise RuntimeError(f"{cell.name}: its teacher's checkpoint {overrides['teacher_ckpt']} does not exist.")
+    record["overrides"] = overrides
     record["commands"].append(bundle_command([config], "training", overrides))
     start = time.perf_counter()
     workflow = run_bundle([config], "training", overrides, "train")
@@ -401,9 +402,9 @@ BASELINE_RUNNERS = {"sbr": _run_sbr, "always_pd": _run_always_pd, "centres": _ru
 def run_cell(ctx: StudyContext, cell: Cell) -> dict:
     """Train and score ``cell`` (in this process) and return its results record.
 
-    The record holds the cell's axes, the overrides and equivalent commands, per-scan PD scores and labels of
-    every scored split, thresholds and metrics at every operating point, training log (epochs, best validation
-    F1), wall and CPU seconds, hardware and the finishing time. Logs go to ``<cell dir>/log.txt``.
+    The record holds the cell's axes, its config overrides and the equivalent commands, per-scan PD scores and
+    labels of every scored split, thresholds and metrics at every operating point, training log (epochs, best
+    validation F1), wall and CPU seconds, hardware and the finishing time. Logs go to ``<cell dir>/log.txt``.
     """
     folder = cell_dir(ctx.run_dir, cell)
     folder.mkdir(parents=True, exist_ok=True)

@@ -203,7 +203,9 @@ class MatrixSpec:
             ``"template"``).
         intensities: extra intensity normalisations compared on the default projection and the teacher.
         teacher_epochs, student_epochs: ``max_epochs`` (and ``patience``) of the two trainings.
-        n_subjects: subjects of the synthetic in-domain set (when the study generates its data).
+        n_subjects: subjects of the generated synthetic sets (when the study generates its data): ``None`` for the
+            generator's recommended sizes, ``{set name: n}`` for some sets (e.g. ``{"benchmark": 200}``), or an int
+            for every set.
         settings: other config overrides shared by every cell (grid, batch sizes, ...).
     """
 
@@ -217,7 +219,7 @@ class MatrixSpec:
     intensities: tuple[str, ...] = ()
     teacher_epochs: int = 8
     student_epochs: int = 15
-    n_subjects: int | None = None
+    n_subjects: int | dict[str, int] | None = None
     settings: dict = field(default_factory=dict)
 
     def check(self) -> MatrixSpec:
@@ -244,7 +246,7 @@ PRESETS: dict[str, dict] = {
         "teachers": 1,
         "teacher_epochs": 6,
         "student_epochs": 10,
-        "n_subjects": 200,
+        "n_subjects": {"benchmark": 200},
     },
     "cpu": {
         "projections": ("single_slice", "early_fusion_slices", "joint_fusion_slices", "dynamic_image", "entropy"),

@@ -141,12 +141,17 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 # sections
 # ----------------------------------------------------------------------------------------------------------------
 class _Builder:
+    """Cell groups and paired comparisons of one study, shared by the report's sections and the figures."""
+
     def __init__(self, res: StudyResults) -> None:
         self.res = res
         self.teachers = res.select("teacher")
-        self.projections = [p for p in self._projections()]
+        self.projections = self._projections()
         self.p0 = DEFAULT_PROJECTION if DEFAULT_PROJECTION in self.projections else (self.projections or [None])[0]
-        self.teacher_pair = lambda group: {s: s % res.n_teachers for s in group}
+
+    def teacher_pair(self, group: dict[int, dict]) -> dict[int, int]:
+        """Student seed -> the seed of the teacher it learned from (``s mod n_teachers``)."""
+        return {s: s % self.res.n_teachers for s in group}
 
     def _projections(self) -> list[str]:
         seen = []

@@ -74,7 +74,7 @@ def _datalist_path(path: str, option: str) -> str:
     return str(p)
 
 
-def synthetic_study_data(root: Path, n_subjects: int | None, workers: int = 2) -> dict[str, str]:
+def synthetic_study_data(root: Path, n_subjects: int | dict[str, int] | None, workers: int = 2) -> dict[str, str]:
     """The synthetic sets of a study under ``root``: the in-domain set first, then the external sets.
 
     Uses the generator's study sets (``make_study_data``: the harder ``benchmark`` preset and two shifted sets)
@@ -92,7 +92,7 @@ def synthetic_study_data(root: Path, n_subjects: int | None, workers: int = 2) -
         first = "benchmark" if "benchmark" in made else next(iter(made))
         data = {first: str(made[first]), **{k: str(v) for k, v in made.items() if k != first}}
     else:
-        n = n_subjects or 200
+        n = (n_subjects.get("benchmark") if isinstance(n_subjects, dict) else n_subjects) or 200
         spect = phantom.generate_dataset(root / "spect", n_subjects=n, seed=0, workers=workers)
         av133 = phantom.generate_dataset(
             root / "av133", n_subjects=max(20, n // 4), seed=1, modality="av133", split=(0, 0, 1), workers=workers
@@ -102,7 +102,7 @@ def synthetic_study_data(root: Path, n_subjects: int | None, workers: int = 2) -
     return data
 
 
-def prepare_data(args: argparse.Namespace, run_dir: Path, n_subjects: int | None) -> dict[str, str]:
+def prepare_data(args: argparse.Namespace, run_dir: Path, n_subjects: int | dict[str, int] | None) -> dict[str, str]:
     """``{name: datalist}``: ``--dataset-dir`` (or the synthetic sets) and every ``--external NAME=DIR``."""
     externals = {k: _datalist_path(v, "--external") for k, v in args.external.items()}
     if args.dataset_dir:
@@ -330,7 +330,7 @@ def _add_matrix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intensities", nargs="*", default=None, choices=["occipital", "zscore", "minmax"])
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
-    p.add_argument("--n-subjects", type=int, default=None, help="subjects of the generated in-domain set")
+    p.add_argument("--n-subjects", type=int, default=None, help="subjects of every generated synthetic set")
     p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="run only cells matching these globs")
 
 
