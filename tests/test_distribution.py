@@ -30,7 +30,6 @@ import torch
 import yaml
 from conftest import write_nifti
 from monai.bundle import ConfigParser
-
 from scripts.tools import package
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]

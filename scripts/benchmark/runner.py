@@ -454,7 +454,6 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
 def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """The raw training step(s) of the config's network(s) on random tensors already on the device."""
     from monai.utils import set_determinism
-
     from scripts.projections import projection_spec
 
     student = spec["model"] == "student"
