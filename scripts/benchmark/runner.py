@@ -736,8 +736,8 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
     epochs = int(args.warmup_epochs) + int(args.epochs)
     base = {"device": device, "threads": args.threads, "seed": int(args.seed)}
     batch = {
-        TEACHER_CONFIG: int(args.batch_size or bundle_parser([TEACHER_CONFIG])["batch_size"]),
-        DISTILL_CONFIG: int(args.batch_size or bundle_parser([DISTILL_CONFIG])["batch_size"]),
+        TEACHER_CONFIG: int(args.batch_size or bundle_parser([TEACHER_CONFIG]).get_parsed_content("batch_size")),
+        DISTILL_CONFIG: int(args.batch_size or bundle_parser([DISTILL_CONFIG]).get_parsed_content("batch_size")),
     }
     projection = args.distill_projection or args.projections[0]
     cases: list[dict[str, Any]] = []
