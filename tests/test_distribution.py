@@ -261,6 +261,7 @@ def test_archive_has_one_top_folder_stores_the_weights_and_is_reproducible(tmp_p
     (bundle / "scripts" / "__pycache__").mkdir(exist_ok=True)
     (bundle / "scripts" / "__pycache__" / "data.cpython-311.pyc").write_bytes(b"compiled")
     (bundle / "configs" / ".hidden.json").write_text("{}")
+    (bundle / "configs" / "monailabel_train.json").write_text("{}")  # MONAI Label's multi-GPU export
     weights = _dummy_weights(tmp_path / "weights")
 
     first = package.build_archive(bundle, tmp_path / "out1", with_weights=True, weights_dir=tmp_path / "weights")
@@ -275,6 +276,7 @@ def test_archive_has_one_top_folder_stores_the_weights_and_is_reproducible(tmp_p
         assert f"{NAME}/{required}" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") or "/." in n for n in names)
     assert f"{NAME}/large_files.yml" not in names
+    assert f"{NAME}/configs/monailabel_train.json" not in names
     assert stored[f"{NAME}/models/model.pt"] == weights["model.pt"]
     assert stored[f"{NAME}/models/teacher.pt"] == weights["teacher.pt"]
     assert stored[f"{NAME}/configs/metadata.json"] == (BUNDLE_ROOT / "configs" / "metadata.json").read_bytes()
