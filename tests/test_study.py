@@ -7,7 +7,6 @@ import sys
 
 import pytest
 from conftest import BUNDLE_ROOT
-
 from scripts.study.runner import format_table, summarise
 
 
