@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo study study-report test test-slow test-tracking test-monailabel lint format
+.PHONY: setup demo study study-report test test-slow test-tracking test-monailabel lint format zoo-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format scripts tests
 	$(VENV)/bin/ruff check --fix scripts tests
+
+# Model-zoo readiness: the zoo's bundle verification, code-format tools and file checks on the bundle as a zoo
+# submission (also part of `make test`). MODEL_ZOO_DIR=<model-zoo checkout> also runs the zoo's own verify_bundle.py.
+zoo-check: setup
+	$(PY) -m pytest -q tests/test_zoo.py
 
 # Opt-in: MLflow tracking test in its own environment (mlflow-skinny and SQLAlchemy).
 .venv-tracking/.installed: requirements-dev.txt requirements-tracking.txt

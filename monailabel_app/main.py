@@ -15,8 +15,9 @@ Start (from the repository root, in the MONAI Label environment)::
 - ``preload``: ``true`` to load the student at start-up.
 
 Models: ``infer`` classifies one scan with the 2D student (``models/model.pt``); ``train`` runs
-``configs/distill.json`` on the datastore's labelled scans. Labels are JSON files ``{"label": "PD"|"HC"}`` saved
-as each scan's final label (see ``lib/labels.py``).
+``configs/distill.json`` on the datastore's labelled scans (``configs/multi_gpu.json`` under torchrun with more
+than one GPU). Labels are JSON files ``{"label": "PD"|"HC"}`` saved as each scan's final label (see
+``lib/labels.py``). The server may start in any working directory.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import logging
 import os
 
 from lib.bundle import BUNDLE_NAME, resolve_bundle_path
-from lib.datastore import ClassificationLabelDatastore
 from lib.infers import StudentInferTask
+from lib.labels import register_label_files
 from lib.trainers import DistillTrainTask
 from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
@@ -61,14 +63,14 @@ class PDDaTscanKDApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
-        return ClassificationLabelDatastore(
-            self.studies,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-        )
+        """MONAI Label's datastore; in a local one, JSON labels placed on disk are registered too."""
+        datastore = super().init_datastore()
+        if isinstance(datastore, LocalDatastore) and not settings.MONAI_LABEL_DATASTORE_READ_ONLY:
+            label_dir = os.path.join(self.studies, "labels", DefaultLabelTag.FINAL.value)
+            added = register_label_files(datastore, label_dir)
+            if added:
+                logger.info(f"Registered {len(added)} JSON label file(s) found in {label_dir}")
+        return datastore
 
     def init_infers(self) -> dict[str, InferTask]:
         task = StudentInferTask(self.bundle_dir, self.conf)

@@ -41,7 +41,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import look_up_option
-
 from scripts.errors import InputError
 
 __all__ = [

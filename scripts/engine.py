@@ -14,9 +14,8 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
-from torch import nn
-
 from scripts.errors import InputError, MissingFileError
+from torch import nn
 
 __all__ = ["load_teacher", "TeacherOutputCache", "DistillationTrainer", "loss_terms"]
 

@@ -17,12 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-__all__ = [
-    "PublishCheckpoint",
-    "PredictionSaver",
-    "ProjectionPNGSaver",
-    "atomic_write_json",
-]
+__all__ = ["PublishCheckpoint", "PredictionSaver", "ProjectionPNGSaver", "atomic_write_json"]
 
 
 def atomic_write_json(path: str | os.PathLike, content: object) -> None:

@@ -21,14 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-__all__ = [
-    "KERNELS",
-    "graph_matrix",
-    "RelationalGraphLoss",
-    "DecorrelationLoss",
-    "HintonKDLoss",
-    "DistillationLoss",
-]
+__all__ = ["KERNELS", "graph_matrix", "RelationalGraphLoss", "DecorrelationLoss", "HintonKDLoss", "DistillationLoss"]
 
 KERNELS = ("cosine", "dot", "rbf", "knn")
 """Similarity kernels accepted by :func:`graph_matrix`."""

@@ -21,14 +21,7 @@ from monai.metrics import compute_roc_auc
 
 __all__ = ["classification_report", "METRIC_NAMES"]
 
-METRIC_NAMES = (
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "f1_macro",
-    "f1_weighted",
-    "roc_auc",
-)
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

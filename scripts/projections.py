@@ -90,7 +90,6 @@ from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, Transform
 from monai.utils import MetaKeys, TransformBackends
-
 from scripts.errors import InputError
 
 __all__ = [

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
 from scripts.anatomy import ROI_NAMES, template_rois
 
 if TYPE_CHECKING:
@@ -52,12 +51,7 @@ __all__ = [
 #: Regions with an SBR value.
 SBR_REGIONS: tuple[str, ...] = tuple(name for name in ROI_NAMES if name not in ("striatum", "occipital", "brain"))
 #: All keys returned by :func:`compute_sbr`.
-SBR_FEATURES: tuple[str, ...] = SBR_REGIONS + (
-    "lowest_putamen",
-    "mean_striatum",
-    "putamen_ai",
-    "caudate_putamen_ratio",
-)
+SBR_FEATURES: tuple[str, ...] = SBR_REGIONS + ("lowest_putamen", "mean_striatum", "putamen_ai", "caudate_putamen_ratio")
 
 
 def asymmetry_index(left: float | np.ndarray, right: float | np.ndarray) -> float | np.ndarray:

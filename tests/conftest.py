@@ -1,11 +1,16 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Shared fixtures: tiny synthetic volumes and a tiny phantom dataset."""
+"""Shared fixtures: tiny synthetic volumes, a tiny phantom dataset, a loopback HTTP server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -61,3 +66,31 @@ def config_preprocessing(spatial_size=(64, 64, 64), intensity="minmax", projecti
         parser["projection"] = projection
         transforms.append(parser.get_parsed_content("projection_transform"))
     return Compose(transforms)
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path, timeout: float = 20.0) -> Iterator[int]:
+    """``python -m http.server`` on 127.0.0.1 serving ``directory``; yields the port, always stops the server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(directory), str(port)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the HTTP server on port {port} did not start (exit code {proc.poll()}).")
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -16,7 +16,6 @@ import torch
 from ignite.engine import Engine
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, Lambdad
-
 from scripts.benchmark.runner import (
     EpochTimer,
     PlainTensorBatch,

@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
-
 from scripts.errors import find_input_error
 from scripts.projections import PROJECTIONS
 

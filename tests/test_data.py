@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import MNI_AFFINE, config_preprocessing, write_nifti
 from monai.data import list_data_collate
-
 from scripts.data import (
     DatalistError,
     IntensityNormalize,

@@ -10,17 +10,14 @@ synthetic phantom set.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -28,9 +25,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_nifti
+from conftest import serve_directory, write_nifti
 from monai.bundle import ConfigParser
-
 from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE, resized_affine
 from scripts.tools import package
 
@@ -110,34 +106,6 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     if duplicates:
         raise ValueError(f"duplicate keys {duplicates}")
     return dict(pairs)
-
-
-@contextlib.contextmanager
-def _http_server(directory: Path, timeout: float = 20.0):
-    """``python -m http.server`` on 127.0.0.1 serving ``directory``; yields the port, always stops the server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(directory), str(port)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the HTTP server on port {port} did not start (exit code {proc.poll()}).")
-                time.sleep(0.1)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def _write_weights(folder: Path) -> dict[str, Path]:
@@ -294,6 +262,7 @@ def test_archive_has_one_top_folder_stores_the_weights_and_is_reproducible(tmp_p
     (bundle / "scripts" / "__pycache__").mkdir(exist_ok=True)
     (bundle / "scripts" / "__pycache__" / "data.cpython-311.pyc").write_bytes(b"compiled")
     (bundle / "configs" / ".hidden.json").write_text("{}")
+    (bundle / "configs" / "monailabel_train.json").write_text("{}")  # MONAI Label's multi-GPU export
     weights = _dummy_weights(tmp_path / "weights")
 
     first = package.build_archive(bundle, tmp_path / "out1", with_weights=True, weights_dir=tmp_path / "weights")
@@ -308,6 +277,7 @@ def test_archive_has_one_top_folder_stores_the_weights_and_is_reproducible(tmp_p
         assert f"{NAME}/{required}" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") or "/." in n for n in names)
     assert f"{NAME}/large_files.yml" not in names
+    assert f"{NAME}/configs/monailabel_train.json" not in names
     assert stored[f"{NAME}/models/model.pt"] == weights["model.pt"]
     assert stored[f"{NAME}/models/teacher.pt"] == weights["teacher.pt"]
     assert stored[f"{NAME}/configs/metadata.json"] == (BUNDLE_ROOT / "configs" / "metadata.json").read_bytes()
@@ -385,7 +355,7 @@ def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_pat
     for i in range(2):
         write_nifti(scans / f"scan{i}.nii.gz", rng.random((24, 28, 24)).astype(np.float32), mni)
 
-    with _http_server(serve) as port:
+    with serve_directory(serve) as port:
         base = f"http://127.0.0.1:{port}"
         _run(
             [

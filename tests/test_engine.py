@@ -9,7 +9,6 @@ from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.transforms import Activationsd
-
 from scripts.engine import DistillationTrainer, load_teacher, loss_terms
 from scripts.errors import InputError, MissingFileError
 from scripts.losses import DistillationLoss

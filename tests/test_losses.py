@@ -9,15 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from scripts.losses import (
-    KERNELS,
-    DecorrelationLoss,
-    DistillationLoss,
-    HintonKDLoss,
-    RelationalGraphLoss,
-    graph_matrix,
-)
+from scripts.losses import KERNELS, DecorrelationLoss, DistillationLoss, HintonKDLoss, RelationalGraphLoss, graph_matrix
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,7 +7,6 @@ import torch
 from conftest import BUNDLE_ROOT
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
-
 from scripts.metrics import classification_report
 
 

@@ -11,9 +11,8 @@ import types
 import pytest
 import torch
 from monai.networks.nets import DenseNet121, ResNet, resnet18
-from torch import nn
-
 from scripts.networks import BACKBONES, SharedChannelEncoder, Student2D, Teacher3D, build_encoder
+from torch import nn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

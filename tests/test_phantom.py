@@ -13,7 +13,6 @@ import multiprocessing
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts import anatomy
 from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from scripts.sbr import SBRThresholdClassifier, compute_sbr

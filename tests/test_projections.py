@@ -15,7 +15,6 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor, list_data_collate
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resize
-
 from scripts.projections import (
     PROJECTIONS,
     VIEWS,

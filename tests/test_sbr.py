@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts import sbr
 from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE, resized_affine, template_rois
 from scripts.errors import InputError

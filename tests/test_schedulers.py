@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from conftest import BUNDLE_ROOT
-
 from scripts.schedulers import WarmupCosineRestarts
 
 

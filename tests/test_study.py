@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BUNDLE_ROOT
-
 from scripts.study.matrix import PRESETS, VARIANTS, Cell, build_cells, count_cells, preset
 from scripts.study.results import ResultsFile, StudyFile
 from scripts.study.runner import main
@@ -102,7 +101,6 @@ def test_kd_and_nokd_cells_of_a_seed_differ_only_by_distillation():
 
 def test_kd_and_nokd_students_of_one_seed_share_initialisation_and_data_order(tiny_phantom_dataset, tmp_path):
     from monai.bundle import ConfigWorkflow
-
     from scripts.networks import Teacher3D
 
     teacher = tmp_path / "teacher.pt"

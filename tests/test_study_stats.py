@@ -4,7 +4,6 @@
 
 import numpy as np
 import pytest
-
 from scripts.study.operating import prevalence_threshold, youden_threshold
 from scripts.study.stats import bootstrap_ci, min_p_value, paired_comparison, sign_flip_test, summarise
 

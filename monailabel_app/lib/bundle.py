@@ -1,6 +1,6 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Locating the bundle and importing its ``scripts`` package."""
+"""Locating the bundle, reading its configs independently of the working directory, importing its ``scripts``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
+from monai.bundle import ConfigParser
 from monailabel.utils.others.class_utils import unload_module
 
-__all__ = ["BUNDLE_NAME", "REQUIRED_CONFIGS", "BundleNotFoundError", "resolve_bundle_path", "bundle_module"]
+__all__ = [
+    "BUNDLE_NAME",
+    "REQUIRED_CONFIGS",
+    "BundleNotFoundError",
+    "resolve_bundle_path",
+    "working_directory",
+    "resolved_config",
+    "bundle_module",
+]
 
 BUNDLE_NAME = "pd_datscan_kd_classification"
 REQUIRED_CONFIGS = ("metadata.json", "inference.json", "distill.json")
@@ -54,6 +63,32 @@ def resolve_bundle_path(app_dir: str | os.PathLike, conf: Mapping[str, str]) -> 
         f"{', configs/'.join(REQUIRED_CONFIGS)}. Pass --conf bundle_path DIR or link the bundle to "
         f"{app / 'model' / BUNDLE_NAME}."
     )
+
+
+@contextlib.contextmanager
+def working_directory(path: str | os.PathLike) -> Iterator[None]:
+    """Run the ``with`` block in ``path``, then return to the previous working directory."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def resolved_config(bundle_path: str, config_file: str) -> ConfigParser:
+    """``config_file`` read with its macros (``"%configs/other.json#id"``) expanded against ``bundle_path``.
+
+    MONAI expands a macro's file path relative to the current working directory, so a training config of this
+    bundle read from anywhere else would fail, or include the blocks of whatever ``configs/`` lies there. The
+    expansion runs inside ``bundle_path``; the returned parser holds no macro any more and parses the same from
+    any working directory.
+    """
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    with working_directory(bundle_path):
+        parser.resolve_macro_and_relative_ids()
+    return parser
 
 
 @contextlib.contextmanager

@@ -11,21 +11,22 @@ __all__ = ["StudentInferTask"]
 
 
 class StudentInferTask(BundleInferTask):
-    """Runs ``configs/inference.json`` (``network_def`` + ``models/model.pt``) on one datastore image.
+    """MONAI Label's bundle inference on ``configs/inference.json`` (``network_def`` + ``models/model.pt``).
 
     The response is MONAI Label's classification result, one entry per class of the bundle metadata's
     ``channel_def``::
 
         {"prediction": [{"idx": 0, "label": "hc", "score": p_hc}, {"idx": 1, "label": "pd", "score": p_pd}]}
 
-    with ``p_hc + p_pd = 1`` (softmax of the student's two logits). Differences from a plain
-    :class:`BundleInferTask`:
+    with ``p_hc + p_pd = 1`` (softmax of the student's two logits). The settings that differ from MONAI Label's
+    defaults, and why:
 
-    - the task type is classification whatever the folder name, and MONAI Label's ``Restored`` post-transform
-      (which maps a segmentation back onto the input grid) is not appended: it fails on a ``(2,)`` score vector;
-    - a ``preprocessing``/``postprocessing`` given as one transform (not a ``Compose`` or a list) is accepted;
-    - checkpoints load strictly, and the 3D teacher checkpoint is not offered as a model file, so a wrong file
-      gives a state-dict error instead of silent nonsense.
+    - ``type=classification``: MONAI Label guesses the task type from the bundle folder's name, which need not
+      contain "classification" (the repository root serves as the bundle);
+    - ``add_post_restore=False``: MONAI Label's ``Restored`` post-transform maps a segmentation back onto the
+      input grid and fails on a ``(2,)`` score vector;
+    - ``load_strict=True``, and the 3D teacher's checkpoint is not offered as a model file: a wrong checkpoint
+      gives a state-dict error instead of a partly loaded network.
 
     Args:
         path: the bundle folder.
@@ -38,9 +39,3 @@ class StudentInferTask(BundleInferTask):
         if self.valid:
             students = [m for m in self._config.get("model_filename", []) if m != teacher_file]
             self._config["model_filename"] = students or [BundleConstants().model_pytorch()]
-
-    def _filter_transforms(self, transforms, filters):
-        # MONAI Label unpacks a Compose into a list but iterates anything else; a bare transform is one item
-        if transforms is not None and not isinstance(transforms, (list, tuple)):
-            transforms = [transforms]
-        return super()._filter_transforms(transforms, filters)

@@ -8,17 +8,28 @@ image id::
     <studies>/labels/final/<image id>.json      {"label": "PD"}      (or "HC", 0, 1)
 
 The file is written either over HTTP (``PUT /datastore/label?image=<id>&tag=final`` with the JSON file as the
-``label`` upload) or directly on disk before the server starts. ``0``/``"HC"`` is a healthy control, ``1``/``"PD"``
-Parkinson's disease; the bundle's datalist rules decide which spellings are accepted.
+``label`` upload) or directly on disk (see :func:`register_label_files`). ``0``/``"HC"`` is a healthy control,
+``1``/``"PD"`` Parkinson's disease; the bundle's datalist rules decide which spellings are accepted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["LABEL_FILE_SUFFIX", "LABEL_KEY", "LabelFileError", "read_label_file", "write_label_file"]
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+
+__all__ = [
+    "LABEL_FILE_SUFFIX",
+    "LABEL_KEY",
+    "LabelFileError",
+    "read_label_file",
+    "write_label_file",
+    "register_label_files",
+]
 
 LABEL_FILE_SUFFIX = ".json"
 LABEL_KEY = "label"
@@ -67,3 +78,32 @@ def write_label_file(path: str | os.PathLike, label: int | str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps({LABEL_KEY: label}))
     return p
+
+
+def register_label_files(
+    datastore: Datastore, label_dir: str | os.PathLike, tag: str = DefaultLabelTag.FINAL.value
+) -> list[str]:
+    """Register ``<label_dir>/<image id>.json`` files as labels ``tag`` of images that have none yet.
+
+    MONAI Label's local datastore registers the label files it finds on disk only when they have an image file
+    extension; a JSON label copied into ``<studies>/labels/final/`` would stay unseen. This registers them
+    through the datastore's public ``save_label`` (from a temporary copy, because ``save_label`` copies the file
+    into ``label_dir``). Labels the datastore already lists are left as they are.
+
+    Returns:
+        the ids of the images whose label was registered.
+    """
+    folder = Path(label_dir)
+    if not folder.is_dir():
+        return []
+    added = []
+    for image_id in datastore.list_images():
+        path = folder / f"{image_id}{LABEL_FILE_SUFFIX}"
+        if not path.is_file() or datastore.get_label_by_image_id(image_id, tag):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / path.name
+            shutil.copyfile(path, copy)
+            datastore.save_label(image_id, str(copy), tag, {})
+        added.append(image_id)
+    return added

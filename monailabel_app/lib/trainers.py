@@ -6,47 +6,84 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import tempfile
 from collections.abc import Sequence
 
+import monai.bundle
 from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
-from lib.bundle import bundle_module
+from lib.bundle import bundle_module, resolved_config
 from lib.labels import read_label_file
 
-__all__ = ["DistillConstants", "DistillTrainTask", "TrainRequestError"]
+__all__ = ["DistillConstants", "DistillTrainTask", "TrainRequestError", "TrainingFailedError"]
 
 logger = logging.getLogger(__name__)
 
-# request keys -> bundle config ids they override (besides the ones MONAI Label sets itself)
-TUNABLE_IDS = ("spatial_size", "batch_size", "learning_rate", "seed")
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# the options of distill.json's `displayable_configs`: the check of a value, what the error message asks for
+OPTION_RULES = {
+    "max_epochs": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 2, "an int >= 2 (the distillation loss compares scans)"),
+    "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+}
 
 
 class TrainRequestError(ValueError):
-    """A training request cannot run: no/invalid labels, a bad option, or a missing teacher checkpoint."""
+    """A training request cannot run: no or invalid labels, a bad option value, a split without validation."""
+
+
+class TrainingFailedError(RuntimeError):
+    """The multi-GPU training command ended with an error."""
 
 
 class DistillConstants(BundleConstants):
-    """Ids of ``configs/distill.json``: the same as MONAI Label's defaults except the config file name."""
+    """The bundle's config files: ``distill.json`` to train, ``multi_gpu.json`` merged after it under torchrun."""
 
     def configs(self) -> Sequence[str]:
         return ["distill.json"]
 
+    def multi_gpu_configs(self) -> Sequence[str]:
+        return ["multi_gpu.json"]
+
 
 class DistillTrainTask(BundleTrainTask):
-    """Runs the bundle's distillation (``run`` of ``configs/distill.json``) on the datastore's labelled scans.
+    """MONAI Label's bundle training on ``configs/distill.json``, with the datastore's labelled scans.
 
-    Data: every image with a *final* label in the datastore; the label is a JSON file ``{"label": "PD"|"HC"|1|0}``
-    (see ``lib.labels``), checked and turned into 0/1 by the bundle's datalist validation. The scans are split by
-    subject (``sub-XXXX`` file-name prefix), stratified by class, into training and validation with fraction
-    ``val_split`` (the bundle's ``split_by_subject`` with seed ``seed``). Both classes must be labelled.
+    MONAI Label's :class:`BundleTrainTask` does the work: it offers the options of the config's
+    ``displayable_configs`` block (``max_epochs``, ``batch_size``, ``learning_rate``) besides its own
+    (``val_split``, ``device``, ``pretrained``, ``model_filename``, ``multi_gpu``, ``gpus``, tracking), puts the
+    data, device and options into the config, starts from the current student checkpoint, and runs the bundle's
+    ``run`` in one process, or, with more than one GPU, under ``torchrun`` with ``configs/multi_gpu.json`` merged
+    after the training config. What this class adds, and why:
 
-    Request options (besides MONAI Label's ``max_epochs``, ``val_split``, ``device``, ``pretrained``,
-    ``model_filename``): ``spatial_size`` (int edge of the cubic resampling grid, or three ints),
-    ``batch_size``, ``learning_rate``, ``seed``; the defaults are the bundle's. ``max_epochs`` (default: the
-    bundle's) also sets the cosine schedule length. Training always runs in one process (the bundle ships no
-    multi-GPU config). ``pretrained`` (default true) starts from the current ``models/model.pt``.
+    - ``_load_bundle_config``: distill.json includes blocks of other config files by MONAI macros, whose paths
+      MONAI resolves against the working directory; the macros are expanded against the bundle folder, so the
+      config MONAI Label reads, shows and exports for torchrun is the bundle's whatever the server's folder;
+    - ``run_single_gpu``: runs that expanded config (MONAI Label would read the file again, macros and all);
+    - ``run_multi_gpu``: fails the task when torchrun fails (MONAI Label 0.8.5 logs the exit code and reports
+      the training as done);
+    - ``__call__``: fills in the displayable options that a request leaves out (MONAI Label reads each one from
+      the request and fails on a missing one);
+    - ``_update_overrides``: checks the option values; turns off the progress bar (the task log keeps lines)
+      and the ``initialize`` step that generates the synthetic data set when ``dataset_dir`` has no datalist
+      (the datastore gives the data);
+    - ``_fetch_datalist``: the datastore's final labels are JSON files (``lib.labels``), turned into 0/1 classes
+      by the bundle's datalist validation (MONAI Label passes label file paths);
+    - ``_partition_datalist``: validation by subject and stratified by class, with the bundle's own split
+      (MONAI Label splits scans at random), and never empty (the bundle selects the checkpoint on validation);
+    - ``_load_checkpoint``: ``pretrained: false`` works (MONAI Label 0.8.5 calls ``os.path.exists(None)``);
+    - ``config``: the teacher's checkpoint is not offered as the student to start from.
 
     Writes, like ``python -m monai.bundle run training --config_file configs/distill.json``: the run folder
     ``eval/distill-...`` and the best student checkpoint ``models/model.pt``. ``models/teacher.pt`` must exist.
@@ -54,66 +91,40 @@ class DistillTrainTask(BundleTrainTask):
 
     def __init__(self, path: str, conf: dict[str, str]) -> None:
         super().__init__(path, conf, const=DistillConstants(), load_strict=True)
-        if not self.valid:
-            return
-        parser = ConfigParser()
-        parser.read_config(self.bundle_config_path)
-        parser["bundle_root"] = path
-        self.teacher_checkpoint = str(parser.get_parsed_content("teacher_ckpt"))
-        self.kd_enabled = bool(parser.get_parsed_content("kd_enabled"))
-        self.defaults = {k: parser.get_parsed_content(k) for k in TUNABLE_IDS}
-        self.default_max_epochs = int(parser.get_parsed_content("max_epochs"))
+        if self.valid:
+            self.teacher_file = os.path.basename(self.bundle_config.get_parsed_content("teacher_ckpt"))
+            self.data_seed = int(self.bundle_config.get_parsed_content("data_seed"))
+
+    def _load_bundle_config(self, path, config):
+        bundle_config = resolved_config(path, config)
+        bundle_config.config.update({self.const.key_bundle_root(): path})
+        return bundle_config
+
+    def _displayable_defaults(self) -> dict:
+        defaults: dict = {}
+        for key in self.const.key_displayable_configs():
+            if self.bundle_config.get(key):
+                defaults.update(self.bundle_config.get_parsed_content(key, instantiate=True))
+        return defaults
 
     # ---------------------------------------------------------------------------------------------------- options
     def config(self):
         c = super().config()
-        teacher = os.path.basename(self.teacher_checkpoint)
-        students = [m for m in c.get("model_filename", []) if m != teacher]
-        c["model_filename"] = students or [self.const.model_pytorch()]
-        c["max_epochs"] = self.default_max_epochs
-        c["multi_gpu"] = False
-        size = self.defaults["spatial_size"]
-        c["spatial_size"] = int(size[0]) if len(set(size)) == 1 else list(size)
-        c.update({k: self.defaults[k] for k in ("batch_size", "learning_rate", "seed")})
+        c["model_filename"] = [m for m in c["model_filename"] if m != self.teacher_file] or [self.const.model_pytorch()]
         return c
 
-    @staticmethod
-    def _spatial_size(value) -> list[int]:
-        size = value
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = [value] * 3
-        elif isinstance(value, (list, tuple)) and len(value) == 1:
-            size = list(value) * 3
-        if (
-            not isinstance(size, (list, tuple))
-            or len(size) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in size)
-        ):
-            raise TrainRequestError(f"spatial_size must be an int >= 16 or three such ints, got {value!r}.")
-        return [int(v) for v in size]
+    def __call__(self, request, datastore: Datastore):
+        return super().__call__({**self._displayable_defaults(), **request}, datastore)
 
-    def _bundle_overrides(self, request) -> dict:
-        out: dict = {"progress_bar": False}
-        if "spatial_size" in request:
-            out["spatial_size"] = self._spatial_size(request["spatial_size"])
-        if "batch_size" in request:
-            b = request["batch_size"]
-            if isinstance(b, bool) or not isinstance(b, int) or b < 2:
-                raise TrainRequestError(
-                    f"batch_size must be an int >= 2 (the distillation loss is batch-wise), got {b!r}."
-                )
-            out["batch_size"] = b
-        if "learning_rate" in request:
-            lr = request["learning_rate"]
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-                raise TrainRequestError(f"learning_rate must be a positive number, got {lr!r}.")
-            out["learning_rate"] = float(lr)
-        if "seed" in request:
-            seed = request["seed"]
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TrainRequestError(f"seed must be an int, got {seed!r}.")
-            out["seed"] = seed
-        return out
+    def _update_overrides(self, overrides):
+        for key, value in overrides.get("displayable_configs", {}).items():
+            valid, expected = OPTION_RULES.get(key, (lambda v: True, ""))
+            if not valid(value):
+                raise TrainRequestError(f"{key} must be {expected}, got {value!r}.")
+        overrides["progress_bar"] = False  # the task log keeps lines, not a redrawn bar
+        overrides["synthetic_data"] = False  # the datastore gives the data: no synthetic set to generate first
+        logger.info(f"Bundle overrides: { {k: v for k, v in overrides.items() if not k.endswith('#data')} }")
+        return overrides
 
     # ------------------------------------------------------------------------------------------------------- data
     def _fetch_datalist(self, request, datastore: Datastore) -> list[dict]:
@@ -122,7 +133,7 @@ class DistillTrainTask(BundleTrainTask):
         Raises:
             LabelFileError: a final label is not a JSON label file.
             DatalistError: a label value is not 0/HC or 1/PD (message names the label file and the image).
-            TrainRequestError: no labelled scans, or only one class labelled.
+            TrainRequestError: only one class labelled.
         """
         entries = []
         with bundle_module(self.bundle_path, "scripts.data") as data:
@@ -142,41 +153,44 @@ class DistillTrainTask(BundleTrainTask):
 
     def _partition_datalist(self, datalist, request, shuffle=False):
         val_split = request.get("val_split", 0.2)
-        if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0.0 < val_split < 1.0:
+        if not _is_number(val_split) or not 0.0 < val_split < 1.0:
             raise TrainRequestError(
                 f"val_split must be a fraction in (0, 1) (the bundle selects the checkpoint on validation), "
                 f"got {val_split!r}."
             )
-        seed = request.get("seed", self.defaults["seed"])
         with bundle_module(self.bundle_path, "scripts.data") as data:
-            splits = data.split_by_subject(datalist, (1.0 - val_split, val_split, 0.0), seed=seed)
+            splits = data.split_by_subject(datalist, (1.0 - val_split, val_split, 0.0), seed=self.data_seed)
         train, val = splits["training"], splits["validation"]
         if not train or not val:
             raise TrainRequestError(
                 f"val_split={val_split} of {len(datalist)} labelled scans leaves {len(train)} for training and "
                 f"{len(val)} for validation; label more scans or change val_split."
             )
-        logger.info(f"Training scans: {len(train)}; validation scans: {len(val)} (split by subject, seed {seed})")
-        strip = [{"image": e["image"], "label": e["label"]} for e in train]
-        return strip, [{"image": e["image"], "label": e["label"]} for e in val]
+        logger.info(f"Training scans: {len(train)}; validation scans: {len(val)} (split by subject)")
+        return [{"image": e["image"], "label": e["label"]} for e in train], [
+            {"image": e["image"], "label": e["label"]} for e in val
+        ]
 
-    # ------------------------------------------------------------------------------------------------------ run
+    # -------------------------------------------------------------------------------------------------------- run
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        if pretrained:  # MONAI Label 0.8.5 would call os.path.exists(None) when pretrained is false
+        if pretrained:
             super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
 
-    def __call__(self, request, datastore: Datastore):
-        request = {"max_epochs": self.default_max_epochs, **request, "multi_gpu": False, "force_multi_gpu": False}
-        self._bundle_overrides(request)  # validate the options before any data is read
-        if self.kd_enabled and not os.path.isfile(self.teacher_checkpoint):
-            raise TrainRequestError(
-                f"distillation needs the 3D teacher checkpoint {self.teacher_checkpoint}; train it first "
-                "(python -m monai.bundle run training --config_file configs/train_teacher.json ...)."
-            )
-        return super().__call__(request, datastore)
-
     def run_single_gpu(self, request, overrides):
-        overrides = {**overrides, **self._bundle_overrides(request)}
-        overrides["max_epochs"] = overrides[self.const.key_train_trainer_max_epochs()]
-        logger.info(f"Bundle overrides: { {k: v for k, v in overrides.items() if not k.endswith('#data')} }")
-        super().run_single_gpu(request, overrides)
+        logging_file = os.path.join(self.bundle_path, "configs", "logging.conf")
+        with tempfile.TemporaryDirectory() as tmp:
+            config_file = os.path.join(tmp, self.const.configs()[0])
+            ConfigParser.export_config_file(self.bundle_config.config, config_file, indent=4)
+            monai.bundle.run(
+                run_id=request.get("run_id", "run"),
+                meta_file=self.bundle_metadata_path,
+                config_file=config_file,
+                logging_file=logging_file if os.path.isfile(logging_file) else False,
+                **overrides,
+            )
+
+    def run_multi_gpu(self, request, cmd, env):
+        logger.info(f"RUNNING COMMAND:: {cmd}")
+        returncode = subprocess.run(cmd, env=env).returncode  # its output goes to the task log, as MONAI Label's
+        if returncode != 0:
+            raise TrainingFailedError(f"multi-GPU training failed (exit code {returncode}): {' '.join(cmd)}")

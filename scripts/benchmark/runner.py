@@ -454,7 +454,6 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
 def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """The raw training step(s) of the config's network(s) on random tensors already on the device."""
     from monai.utils import set_determinism
-
     from scripts.projections import projection_spec
 
     student = spec["model"] == "student"
@@ -737,8 +736,8 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
     epochs = int(args.warmup_epochs) + int(args.epochs)
     base = {"device": device, "threads": args.threads, "seed": int(args.seed)}
     batch = {
-        TEACHER_CONFIG: int(args.batch_size or bundle_parser([TEACHER_CONFIG])["batch_size"]),
-        DISTILL_CONFIG: int(args.batch_size or bundle_parser([DISTILL_CONFIG])["batch_size"]),
+        TEACHER_CONFIG: int(args.batch_size or bundle_parser([TEACHER_CONFIG]).get_parsed_content("batch_size")),
+        DISTILL_CONFIG: int(args.batch_size or bundle_parser([DISTILL_CONFIG]).get_parsed_content("batch_size")),
     }
     projection = args.distill_projection or args.projections[0]
     cases: list[dict[str, Any]] = []

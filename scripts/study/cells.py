@@ -365,7 +365,6 @@ def _run_centres(ctx: StudyContext, record: dict) -> None:
     """The centre slice of every view under ``slice_centre: auto`` and ``template``, for every scored scan."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
-
     from scripts.projections import VIEWS, AdjacentSlices
 
     parser = ConfigParser()

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from scripts.projections import PROJECTIONS, projection_spec
 
 __all__ = ["draw_figures", "roc_curve"]
@@ -262,7 +261,6 @@ def _gallery(res, path: Path) -> bool:
     """One HC and one PD in-domain test scan through the bundle's preprocessing and every projection."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
-
     from scripts.data import load_datalist
     from scripts.study.cells import _in_bundle_root
 

@@ -37,7 +37,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from monai.utils import look_up_option
-
 from scripts.projections import PROJECTIONS
 
 __all__ = [

@@ -48,7 +48,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from scripts.anatomy import (
     MNI_2MM_AFFINE,
     MNI_2MM_SHAPE,
@@ -508,10 +507,7 @@ def _membership(distance: np.ndarray, width: float) -> np.ndarray:
 
 
 def activity_map(
-    subject: PhantomSubject,
-    visit: int = 0,
-    shape: Sequence[int] = MNI_2MM_SHAPE,
-    affine: np.ndarray = MNI_2MM_AFFINE,
+    subject: PhantomSubject, visit: int = 0, shape: Sequence[int] = MNI_2MM_SHAPE, affine: np.ndarray = MNI_2MM_AFFINE
 ) -> np.ndarray:
     """Noise-free, unblurred activity (background brain = 1) of a visit on the grid ``(shape, affine)``.
 

@@ -65,6 +65,7 @@ WEIGHT_PATTERNS = ("*.pt", "*.ts")
 STUDENT_WEIGHTS = "model.pt"
 _EXCLUDED_DIRS = {"__pycache__"}
 _EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp")
+_EXCLUDED_FILES = {"configs/monailabel_train.json"}  # written into a served bundle by MONAI Label (multi-GPU)
 
 
 class PackagingError(RuntimeError):
@@ -129,6 +130,7 @@ def _is_excluded(relative: Path) -> bool:
         any(p in _EXCLUDED_DIRS or p.startswith(".") for p in parts)
         or relative.name.endswith(_EXCLUDED_SUFFIXES)
         or relative.name.endswith("~")
+        or relative.as_posix() in _EXCLUDED_FILES
     )
 
 
@@ -137,7 +139,8 @@ def collect_bundle_files(bundle_root: str | os.PathLike) -> dict[str, Path]:
 
     ``LICENSE``, ``configs/metadata.json`` and ``configs/inference.json`` are required, ``README.md`` is taken
     when present, and every file under ``configs/``, ``scripts/`` and ``docs/`` is included except hidden
-    files and folders, ``__pycache__`` folders, compiled Python files and temporary files. Run outputs
+    files and folders, ``__pycache__`` folders, compiled Python files, temporary files and the
+    ``configs/monailabel_train.json`` that MONAI Label writes for multi-GPU training. Run outputs
     (``eval/``, ``data/``), tests and weights are never collected here.
 
     Raises:

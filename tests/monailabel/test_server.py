@@ -3,7 +3,10 @@
 """MONAI Label integration: the app in ``monailabel_app/`` served by a real ``monailabel start_server``.
 
 Runs only in the MONAI Label environment (``bash tests/monailabel/run.sh``); elsewhere the module is skipped.
-Everything is local: phantom scans, freshly initialised checkpoints, a server on 127.0.0.1.
+Everything is local: phantom scans, freshly initialised checkpoints, a server on 127.0.0.1 started in a folder
+that holds no bundle (the app must read the bundle's configs from the bundle folder, not from its working
+directory). The bundle is a copy whose configs differ from the repository's (a 32³ grid, another learning
+rate), so that reading the repository's configs by mistake shows.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ MODEL = "pd_datscan_kd_classification"
 N_SUBJECTS = 9  # one of them stays unlabelled
 START_TIMEOUT_S = 180
 TRAIN_TIMEOUT_S = 300
+GRID = [32, 32, 32]  # the copy's spatial_size (the repository's is 64³)
+LEARNING_RATE = 0.002  # the copy's learning_rate in train_teacher.json, which distill.json includes by macro
 
 if str(APP_SRC) not in sys.path:
     sys.path.insert(0, str(APP_SRC))
 
 from lib.bundle import BundleNotFoundError, resolve_bundle_path  # noqa: E402
-from lib.datastore import ClassificationLabelDatastore  # noqa: E402
-from lib.labels import LabelFileError, read_label_file, write_label_file  # noqa: E402
-from lib.trainers import DistillTrainTask, TrainRequestError  # noqa: E402
+from lib.labels import LabelFileError, read_label_file, register_label_files, write_label_file  # noqa: E402
+from lib.trainers import DistillTrainTask, TrainingFailedError, TrainRequestError  # noqa: E402
+from monailabel.datastore.local import LocalDatastore  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -56,10 +61,15 @@ def _free_port() -> int:
 
 
 def _copy_bundle(dst: Path) -> Path:
-    """A throw-away copy of the bundle (configs + scripts) so that training never writes into the repository."""
+    """A throw-away copy of the bundle (configs + scripts), with its own grid and learning rate (see above)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "configs", dst / "configs", ignore=ignore)
     shutil.copytree(REPO / "scripts", dst / "scripts", ignore=ignore)
+    changes = (("inference.json", "spatial_size", GRID), ("train_teacher.json", "learning_rate", LEARNING_RATE))
+    for name, key, value in changes:
+        config = json.loads((dst / "configs" / name).read_text())
+        config[key] = value
+        (dst / "configs" / name).write_text(json.dumps(config, indent=4))
     (dst / "models").mkdir(parents=True)
     return dst
 
@@ -79,7 +89,7 @@ def _save_fresh_checkpoints(bundle: Path) -> None:
         torch.manual_seed(0)
         student = _parser(bundle, "inference.json").get_parsed_content("network_def")
         torch.save({"model": student.state_dict()}, bundle / "models" / "model.pt")
-        teacher = _parser(bundle, "distill.json").get_parsed_content("teacher_def")
+        teacher = _parser(bundle, "inference.json").get_parsed_content("teacher_def")
         torch.save({"model": teacher.state_dict()}, bundle / "models" / "teacher.pt")
     finally:
         sys.path.remove(str(bundle))
@@ -176,16 +186,24 @@ def test_bundle_is_found_locally_in_the_documented_order(tmp_path):
         resolve_bundle_path(app, {"bundle_path": str(other)})
 
 
-def test_datastore_registers_json_labels_found_on_disk(tmp_path):
-    for name in ("s1.nii.gz", "s2.nii.gz", "s3.nii.gz"):
+def test_json_labels_found_on_disk_are_registered_through_the_datastore_api(tmp_path):
+    for name in ("s1.nii.gz", "s2.nii.gz", "s3.nii.gz", "s4.nii.gz"):
         (tmp_path / name).write_bytes(b"")
-    write_label_file(tmp_path / "labels" / "final" / "s1.json", "PD")
-    write_label_file(tmp_path / "labels" / "final" / "s3.json", 0)
-    write_label_file(tmp_path / "labels" / "final" / "orphan.json", 0)  # no image: ignored
-    store = ClassificationLabelDatastore(str(tmp_path), extensions=("*.nii.gz", "*.nii"))
+    labels = tmp_path / "labels" / "final"
+    write_label_file(labels / "s1.json", "PD")
+    write_label_file(labels / "s3.json", 0)
+    write_label_file(labels / "orphan.json", 0)  # no image: ignored
+    store = LocalDatastore(str(tmp_path), extensions=("*.nii.gz", "*.nii"))
+    assert store.datalist() == []  # MONAI Label's local datastore alone does not see JSON label files
+    store.save_label("s4", str(write_label_file(tmp_path / "upload" / "s4.json", "HC")), "final", {})
+    assert sorted(register_label_files(store, labels)) == ["s1", "s3"]
     pairs = {Path(d["image"]).name: Path(d["label"]).name for d in store.datalist()}
-    assert pairs == {"s1.nii.gz": "s1.json", "s3.nii.gz": "s3.json"}
-    assert sorted(store.list_images()) == ["s1", "s2", "s3"]  # the datastore's own JSON file is not an image
+    assert pairs == {"s1.nii.gz": "s1.json", "s3.nii.gz": "s3.json", "s4.nii.gz": "s4.json"}
+    assert read_label_file(labels / "s1.json") == "PD"  # registered in place, unchanged
+    assert register_label_files(store, labels) == []  # already registered
+    assert sorted(store.list_images()) == ["s1", "s2", "s3", "s4"]  # the datastore's own JSON file is not an image
+    reopened = LocalDatastore(str(tmp_path), extensions=("*.nii.gz", "*.nii"))
+    assert len(reopened.datalist()) == 3  # kept in the datastore's index
 
 
 class _FakeDatastore:
@@ -220,8 +238,31 @@ def test_train_datalist_turns_label_files_into_classes_and_rejects_bad_ones(tmp_
         task._fetch_datalist({}, _FakeDatastore(one_class))
     with pytest.raises(TrainRequestError, match="val_split must be a fraction"):
         task._partition_datalist(out, {"val_split": 0})
-    with pytest.raises(TrainRequestError, match="spatial_size"):
-        task._bundle_overrides({"spatial_size": 8})
+    good = {"max_epochs": 2, "batch_size": 2, "learning_rate": 1e-4}
+    updated = task._update_overrides({"displayable_configs": good})
+    assert updated["progress_bar"] is False and updated["synthetic_data"] is False
+    for key, value, message in (
+        ("batch_size", 1, "batch_size must be an int >= 2"),
+        ("max_epochs", 1.5, "max_epochs must be an int >= 1"),
+        ("learning_rate", "fast", "learning_rate must be a number > 0"),
+    ):
+        with pytest.raises(TrainRequestError, match=message):
+            task._update_overrides({"displayable_configs": {**good, key: value}})
+
+
+def test_training_config_is_read_from_the_bundle_folder_whatever_the_working_directory(tmp_path, monkeypatch):
+    bundle = _copy_bundle(tmp_path / "bundle")
+    for cwd in (REPO, tmp_path):  # the repository (other configs) and a folder without configs
+        monkeypatch.chdir(cwd)
+        task = DistillTrainTask(str(bundle), {})
+        assert task.is_valid()
+        assert "%configs/" not in json.dumps(task.bundle_config.config)  # every macro expanded
+        assert task.bundle_config.get_parsed_content("spatial_size") == GRID
+        options = task.config()
+        assert (options["max_epochs"], options["batch_size"]) == (15, 16)  # distill.json's displayable_configs
+        assert options["learning_rate"] == pytest.approx(LEARNING_RATE)  # the copy's, through its macro
+        assert options["multi_gpu"] is True  # MONAI Label's default: torchrun with configs/multi_gpu.json
+    assert task.const.multi_gpu_configs() == ["multi_gpu.json"] and (bundle / "configs" / "multi_gpu.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------- the server
@@ -244,7 +285,9 @@ def server(tmp_path_factory):
     env.update({"VIRTUAL_ENV": sys.prefix, "PYTHONUNBUFFERED": "1"})
     log_path = root / "server.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    elsewhere = root / "elsewhere"  # not the repository root: nothing there resolves the bundle's macros
+    elsewhere.mkdir()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=elsewhere, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
     def log_tail(n: int = 60) -> str:
@@ -292,7 +335,11 @@ def test_info_lists_the_student_as_a_2d_classifier_and_the_trainer(server):
     assert model["labels"] == {"hc": 0, "pd": 1}
     assert model["config"]["model_filename"] == ["model.pt"]  # the teacher is not offered for inference
     assert MODEL in info["trainers"]
-    assert "teacher.pt" not in info["trainers"][MODEL]["config"]["model_filename"]
+    options = info["trainers"][MODEL]["config"]
+    assert "teacher.pt" not in options["model_filename"]
+    assert (options["max_epochs"], options["batch_size"]) == (15, 16)
+    assert options["learning_rate"] == pytest.approx(LEARNING_RATE)
+    assert options["multi_gpu"] is True
     assert "sam2" not in json.dumps(info["models"]).lower()
 
 
@@ -347,7 +394,7 @@ def _train(server, params: dict) -> tuple[dict, str]:
     return task, "\n".join(task.get("details", []))
 
 
-TRAIN_PARAMS = {"max_epochs": 1, "spatial_size": 32, "batch_size": 3, "val_split": 0.25, "device": "cpu"}
+TRAIN_PARAMS = {"max_epochs": 1, "batch_size": 3, "val_split": 0.25, "device": "cpu"}  # learning_rate: default
 
 
 def test_train_distils_on_datastore_labels_and_updates_the_served_student(server):
@@ -361,9 +408,11 @@ def test_train_distils_on_datastore_labels_and_updates_the_served_student(server
     n_pd = sum(server["truth"].values()) - (server["truth"][server["unlabelled"]] == 1)
     n_hc = len(server["truth"]) - 1 - n_pd
     assert f"Labelled scans in the datastore: {len(server['truth']) - 1} ({n_hc} HC, {n_pd} PD)" in log
-    assert "'spatial_size': [32, 32, 32]" in log and "'max_epochs': 1" in log
+    options = f"'displayable_configs': {{'max_epochs': 1, 'batch_size': 3, 'learning_rate': {LEARNING_RATE}}}"
+    assert options in log and "'train#trainer#max_epochs': 1" in log
     runs = sorted((bundle / "eval").glob("distill-*"))
     assert runs and (runs[-1] / "validation" / "metrics.csv").is_file()
+    assert not (bundle / "data").exists()  # no synthetic set generated: the datastore gave the data
     assert _sha256(student) != before, "training did not publish a new models/model.pt"
 
     # the server reloads the new checkpoint without a restart
@@ -384,6 +433,12 @@ def test_train_reports_a_bad_label_placed_on_disk_while_the_server_runs(server):
     assert f"{label.name}, entry 0" in details and "label must be 0/HC or 1/PD, got 'maybe'" in details, details
 
 
+def test_train_reports_a_bad_option_value(server):
+    task, details = _train(server, {**TRAIN_PARAMS, "batch_size": 1})
+    assert task.get("status") == "ERROR", f"training ended as {task}:\n{details}"
+    assert "batch_size must be an int >= 2" in details, details
+
+
 def test_pretrained_false_trains_from_scratch_and_true_loads_the_student_strictly(tmp_path):
     bundle = _copy_bundle(tmp_path / "bundle")
     task = DistillTrainTask(str(bundle), {})
@@ -396,3 +451,30 @@ def test_pretrained_false_trains_from_scratch_and_true_loads_the_student_strictl
     assert [(h["_target_"], h["load_path"], h["strict"]) for h in handlers] == [
         ("CheckpointLoader", str(student), True)
     ]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks would share the one GPU")
+def test_multi_gpu_training_runs_torchrun_with_the_bundle_override_and_reports_failures(tmp_path, monkeypatch):
+    """MONAI Label's multi-GPU path (forced on, two ranks; on a CPU machine the override uses gloo)."""
+    bundle = _copy_bundle(tmp_path / "bundle")
+    _save_fresh_checkpoints(bundle)
+    studies = _make_studies(tmp_path)[0]
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz", "*.nii"))
+    assert len(register_label_files(store, studies / "labels" / "final")) == N_SUBJECTS - 2
+    monkeypatch.chdir(tmp_path)  # torchrun starts here, away from the bundle
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # torchrun
+    monkeypatch.setenv("PYTHONPATH", str(bundle))  # as MONAI Label's task runner sets it for a training
+    task = DistillTrainTask(str(bundle), {})
+    request = {"model": MODEL, "max_epochs": 1, "batch_size": 3, "val_split": 0.3, "device": "cpu"}  # 3 scans per rank
+    request.update({"force_multi_gpu": True, "gpus": "0,1"})
+    before = _sha256(bundle / "models" / "model.pt")
+    assert task(request, store) == {}
+    assert "%configs/" not in (bundle / "configs" / "monailabel_train.json").read_text()  # what torchrun read
+    runs = [p for p in (bundle / "eval").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "validation" / "metrics.csv").is_file(), runs  # rank 0 alone writes
+    assert _sha256(bundle / "models" / "model.pt") != before
+    assert not (bundle / "data").exists()  # no synthetic set generated: the datastore gave the data
+
+    # MONAI Label 0.8.5 would report a failed torchrun as done; the task raises instead
+    with pytest.raises(TrainingFailedError, match="exit code 3"):
+        task.run_multi_gpu(request, [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
