@@ -115,7 +115,9 @@ def _low_data(res, b, path: Path) -> bool:
             for f in fractions:
                 m, sd = _mean_std(_vals(select(f), key, metric).values())
                 if not np.isnan(m):
-                    xs.append(f), ms.append(m), sds.append(sd)
+                    xs.append(f)
+                    ms.append(m)
+                    sds.append(sd)
             if xs:
                 ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, color=colour, label=label)
         ax.set_xscale("log")
