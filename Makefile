@@ -1,10 +1,10 @@
-# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
-# Both create the virtual environment from the pinned requirements first.
+# Entry points (see README): `make demo` runs the main job, `make test` runs the test suite, `make study` runs the
+# study of docs/results.md. All create the virtual environment from the pinned requirements first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-tracking test-monailabel lint format zoo-check
+.PHONY: setup demo study study-report test test-slow test-tracking test-monailabel lint format zoo-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
+# A small study (3D teacher, 2D student with and without KD over two seeds, SBR and always-PD baselines, the external
+# set) in eval/study-demo; about ten minutes on 2 CPU cores. Running it again resumes or reprints the table.
 demo: setup
-	$(PY) -m scripts.study --name demo
+	$(PY) -m scripts.study run --matrix demo
+
+# The study of docs/results.md (the `cpu` matrix, hours on 2 CPU cores; resumable: run it again after an interruption),
+# then its report and figures.
+study: setup
+	$(PY) -m scripts.study run --matrix cpu --run-dir eval/study-cpu
+	$(MAKE) study-report
+
+study-report: setup
+	$(PY) -m scripts.study report eval/study-cpu --out docs/results.md --figures docs/figures
 
 test: setup
 	$(PY) -m pytest -q

@@ -37,9 +37,15 @@ Output
     ``monai.data.list_data_collate``.
 
 Centre slice
-    The slice-based projections take ``centre``: a fixed slice index, or ``"auto"``, which locates the striatum
-    in each view from the data with :func:`find_slice_centre` (default: the uptake-weighted mean slice of the
-    hottest 1 % of the voxels), so scans that are not perfectly aligned to a template still work.
+    The slice-based projections take ``centre``: a fixed slice index; ``"template"``, the centre of the template
+    striatum (:mod:`scripts.anatomy`) in each view of the image's own grid (:func:`template_centre`: the same slice
+    for every scan on one grid, as the atlas-based centre of the original study); or ``"auto"``, which locates
+    the striatum in each view from the data with :func:`find_slice_centre` (default: the uptake-weighted mean
+    slice of the hottest 1 % of the voxels), for scans that are not aligned to the template. ``"auto"`` depends
+    on the scan's own uptake, so the anatomy a model sees can depend on the class (a PD scan's hottest voxels
+    sit elsewhere than a control's) and a hot spot outside the striatum moves it; the bundle's configs use
+    ``"template"``. A ``MetaTensor`` output records the centres used in ``meta["slice_centre"]`` (``{view:
+    index}``), and ``"auto"`` logs them at debug level (logger ``scripts.projections``).
 
 Whole-stack projections
     The dynamic image (approximate rank pooling, rescaled to ``[0, 1]`` in floating point, without any 8-bit
@@ -70,6 +76,7 @@ Registry (:data:`PROJECTIONS`, :func:`projection_spec`, :class:`Projection`, :cl
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from copy import deepcopy
@@ -83,6 +90,7 @@ from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, Transform
 from monai.utils import MetaKeys, TransformBackends
+from scripts.errors import InputError
 
 __all__ = [
     "VIEWS",
@@ -94,6 +102,9 @@ __all__ = [
     "ProjectionSpec",
     "projection_spec",
     "find_slice_centre",
+    "template_centre",
+    "template_grid_affine",
+    "CENTRE_MODES",
     "rank_pooling_coefficients",
     "slice_entropy",
     "plane_affine",
@@ -137,6 +148,11 @@ DYNAMIC_IMAGE_VARIANTS = ("canonical", "reference")
 
 CENTRE_METHODS = ("centroid", "peak")
 """Ways :func:`find_slice_centre` locates the striatal uptake."""
+
+CENTRE_MODES = ("template", "auto")
+"""Named centres (besides a fixed slice index): the template striatum's centre, or one found from the data."""
+
+logger = logging.getLogger(__name__)
 
 CentreLike = int | str | Sequence[int | str] | Mapping[str, int | str]
 
@@ -243,17 +259,18 @@ def _check_views(view: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_centre_value(value, where: str) -> int | str:
-    if isinstance(value, str) and value == "auto":
-        return "auto"
+    if isinstance(value, str) and value in CENTRE_MODES:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{where} must be a slice index (int) or 'auto', got {value!r}.")
+        raise ValueError(f"{where} must be a slice index (int), 'template' or 'auto', got {value!r}.")
     if value < 0:
         raise ValueError(f"{where} must be a non-negative slice index, got {value}.")
     return int(value)
 
 
 def _check_centre(centre: CentreLike) -> int | str | dict[str, int | str]:
-    """Normalise ``centre`` to ``"auto"``, an int, or a ``{view: int | "auto"}`` dict covering every view."""
+    """Normalise ``centre`` to a name of :data:`CENTRE_MODES`, an int, or a ``{view: int | name}`` dict covering
+    every view."""
     if isinstance(centre, Mapping):
         unknown = [k for k in centre if k not in VIEWS]
         missing = [v for v in VIEWS if v not in centre]
@@ -368,13 +385,17 @@ def plane_affine(affine: torch.Tensor | np.ndarray, view: str) -> torch.Tensor:
     return a[rows][:, cols].clone()
 
 
-def _wrap_output(out: torch.Tensor, img: NdarrayOrTensor, view: str, name: str) -> NdarrayOrTensor:
+def _wrap_output(
+    out: torch.Tensor, img: NdarrayOrTensor, view: str, name: str, centres: dict[str, int] | None = None
+) -> NdarrayOrTensor:
     """Return ``out`` in the type family of ``img``; for a ``MetaTensor`` carry over and fix the meta data."""
     if isinstance(img, MetaTensor):
         if not get_track_meta():
             return out
         meta = {k: deepcopy(v) for k, v in img.meta.items() if k not in (MetaKeys.SPATIAL_SHAPE, MetaKeys.AFFINE)}
         meta["projection"] = name
+        if centres is not None:
+            meta["slice_centre"] = dict(centres)
         return MetaTensor(out, affine=plane_affine(img.affine, view), meta=meta, spatial_ndim=2)
     if isinstance(img, np.ndarray):
         return out.cpu().numpy()
@@ -458,6 +479,51 @@ def find_slice_centre(
     return _centre_from_excess(_uptake_excess(_volume_any(volume), quantile), view, method, sigma)
 
 
+def template_grid_affine(shape: Sequence[int]) -> np.ndarray:
+    """Voxel → MNI affine of the MNI152 2 mm field of view in RAS voxel order, resampled to ``shape`` with aligned
+    corners: the grid of the bundle's preprocessing (``Orientationd`` RAS, ``Resized``) of a PPMI-style scan."""
+    from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE, resized_affine
+
+    flip = np.eye(4)
+    if MNI_2MM_AFFINE[0, 0] < 0:  # FSL stores x right-to-left; RAS voxel order runs left-to-right
+        flip[0, 0], flip[0, 3] = -1.0, MNI_2MM_SHAPE[0] - 1
+    return resized_affine(MNI_2MM_AFFINE @ flip, MNI_2MM_SHAPE, tuple(int(s) for s in shape))
+
+
+def template_centre(shape: Sequence[int], view: str, affine: torch.Tensor | np.ndarray | None = None) -> int:
+    """Centre slice of the template striatum along ``view`` on the grid ``(shape, affine)``.
+
+    The template striatum (caudate and putamen of both sides, :func:`scripts.anatomy.template_rois`) is evaluated
+    on the grid; with ``d0`` and ``d1`` the first and last slice along the view's axis that hold any of it, the
+    centre is ``⌊(d0 + d1) / 2⌋``, the atlas-based centre of the original study. It depends only on the grid, so
+    every scan on the same grid gets the same slice (e.g. axial 27, coronal 37, sagittal 31 on the bundle's 64³
+    grid of an MNI 2 mm scan).
+
+    Args:
+        shape: spatial shape ``(X, Y, Z)``.
+        view: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+        affine: ``(4, 4)`` voxel → MNI (mm) affine of the grid, e.g. a ``MetaTensor``'s; ``None`` assumes the MNI
+            2 mm field of view resampled to ``shape`` (:func:`template_grid_affine`).
+
+    Raises:
+        InputError: when the template striatum falls outside the grid (the scan is not in MNI space).
+    """
+    from scripts.anatomy import template_rois
+
+    view = _check_view(view)
+    shape = tuple(int(s) for s in shape)
+    aff = template_grid_affine(shape) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), np.float64)
+    mask = template_rois(shape, aff)["striatum"]
+    axis = VIEW_AXIS[view]
+    present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    if present.size == 0:
+        raise InputError(
+            f"the template striatum falls outside this image of shape {shape} (affine {aff[:3].round(2).tolist()}); "
+            "is the scan in MNI space? Use slice_centre 'auto' for scans that are not."
+        )
+    return int((present[0] + present[-1]) // 2)
+
+
 def _resolve_centres(
     vol: torch.Tensor,
     views: tuple[str, ...],
@@ -466,8 +532,9 @@ def _resolve_centres(
     method: str,
     sigma: float,
     quantile: float,
+    affine: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, int]:
-    """Centre slice per view, each with ``half`` neighbours on both sides (an automatic centre is clamped)."""
+    """Centre slice per view, each with ``half`` neighbours on both sides (a named centre is clamped)."""
     wanted = {v: centre[v] if isinstance(centre, dict) else centre for v in views}
     excess = _uptake_excess(vol, quantile) if "auto" in wanted.values() else None
     centres = {}
@@ -481,6 +548,8 @@ def _resolve_centres(
             )
         if c == "auto":
             c = min(max(_centre_from_excess(excess, view, method, sigma), half), size - 1 - half)
+        elif c == "template":
+            c = min(max(template_centre(vol.shape, view, affine), half), size - 1 - half)
         elif not half <= c <= size - 1 - half:
             raise ValueError(
                 f"centre {c} for the {view} view is outside the volume or too close to its border: it needs slices"
@@ -488,6 +557,8 @@ def _resolve_centres(
                 f" 0..{size - 1}), so the centre must be in {half}..{size - 1 - half}."
             )
         centres[view] = c
+    if "auto" in wanted.values():
+        logger.debug("automatic slice centres %s", centres)
     return centres
 
 
@@ -562,10 +633,11 @@ class AdjacentSlices(Transform):
 
     Args:
         view: a view name or a sequence of view names (channel order); several views need a cubic grid.
-        centre: ``"auto"`` (:func:`find_slice_centre`, per view, then clamped so that all ``num_slices`` slices
-            fit), an int slice index (the same for every view), a sequence of three ints / ``"auto"`` in the order
-            ``(axial, coronal, sagittal)``, or a mapping ``{view: int | "auto"}`` for all three views. A fixed
-            centre without ``h`` neighbours on both sides raises ``ValueError``.
+        centre: ``"template"`` (:func:`template_centre` on the image's grid: its ``MetaTensor`` affine, or the MNI
+            2 mm field of view for a plain array), ``"auto"`` (:func:`find_slice_centre`), both per view and then
+            clamped so that all ``num_slices`` slices fit; an int slice index (the same for every view); a sequence
+            of three ints / names in the order ``(axial, coronal, sagittal)``; or a mapping ``{view: int | name}``
+            for all three views. A fixed centre without ``h`` neighbours on both sides raises ``ValueError``.
         num_slices: odd number ``k >= 1`` of adjacent slices per view.
         centre_method: ``"centroid"`` or ``"peak"``, how :func:`find_slice_centre` finds an automatic centre.
         centre_sigma: Gaussian smoothing (slices) of an automatic ``"peak"`` centre.
@@ -592,7 +664,7 @@ class AdjacentSlices(Transform):
         self.centre_sigma, self.centre_quantile = _check_smoothing(centre_sigma, centre_quantile)
         self.name = name
 
-    def _centres(self, vol: torch.Tensor) -> dict[str, int]:
+    def _centres(self, vol: torch.Tensor, img: NdarrayOrTensor) -> dict[str, int]:
         return _resolve_centres(
             vol,
             self.views,
@@ -601,11 +673,16 @@ class AdjacentSlices(Transform):
             self.centre_method,
             self.centre_sigma,
             self.centre_quantile,
+            img.affine if isinstance(img, MetaTensor) else None,
         )
 
     def centres(self, img: NdarrayOrTensor) -> dict[str, int]:
         """The centre slice index used for each view of ``img`` ``(1, X, Y, Z)``."""
-        return self._centres(_volume(img))
+        try:
+            return self._centres(_volume(img), img)
+        except InputError as e:
+            name = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+            raise InputError(f"{name}: {e}" if name else str(e)) from None
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """``(1, X, Y, Z)`` → ``(len(views) · num_slices, H, W)``."""
@@ -613,10 +690,11 @@ class AdjacentSlices(Transform):
         _check_same_planes(vol, self.views)
         half = self.num_slices // 2
         channels = []
-        for v, c in self._centres(vol).items():
+        centres = self.centres(img)
+        for v, c in centres.items():
             channels.append(_slices_first(vol, v)[c - half : c + half + 1])
         out = torch.cat(channels, dim=0).to(_out_dtype(vol))
-        return _wrap_output(out, img, self.views[0], self.name)
+        return _wrap_output(out, img, self.views[0], self.name, centres)
 
 
 class DynamicImage(Transform):

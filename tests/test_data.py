@@ -1,6 +1,7 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
 import json
+import os
 
 import numpy as np
 import pytest
@@ -230,3 +231,33 @@ def test_subsample_by_subject_keeps_whole_subjects_and_both_classes():
     assert subsample_by_subject(entries, 1.0) == entries
     with pytest.raises(DatalistError, match=r"train fraction must be in \(0, 1\]"):
         subsample_by_subject(entries, 0.0)
+
+
+@pytest.mark.parametrize("config", ["train_teacher.json", "distill.json"])
+def test_train_fraction_keeps_whole_multi_visit_subjects_through_the_configs_datalist(tmp_path, config):
+    """The training configs' own ``train#datalist`` component subsamples subjects, not scans."""
+    from conftest import BUNDLE_ROOT
+    from monai.bundle import ConfigParser
+
+    entries = _entries(n_hc=10, n_pd=20, visits=3)
+    for e in entries:
+        (tmp_path / e["image"]).write_bytes(b"")  # the datalist reader checks that the files exist
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries, "validation": [], "test": []}))
+    parser = ConfigParser()
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_ROOT)  # macros resolve from the bundle root
+    try:
+        parser.read_config(f"configs/{config}")
+        parser.update({"dataset_dir": str(tmp_path), "train_fraction": 0.5, "data_seed": 3})
+        subset = parser.get_parsed_content("train#datalist")
+    finally:
+        os.chdir(cwd)
+    visits = {}
+    for e in entries:
+        visits.setdefault(e["subject"], set()).add(os.path.basename(e["image"]))
+    kept = {}
+    for e in subset:
+        kept.setdefault(e["subject"], set()).add(os.path.basename(e["image"]))
+    assert all(kept[s] == visits[s] for s in kept)  # every visit of a kept subject, none of a dropped one
+    assert sum(1 for s in kept if s.startswith("sub-0") and int(s[4:]) < 10) == 5  # half of the 10 HC subjects
+    assert len(kept) == 15 and len(subset) == 5 + 10 * 3

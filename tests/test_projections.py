@@ -530,3 +530,77 @@ def test_projection_of_loaded_nifti_scans_collates(tmp_path):
     assert image.affine.shape == (2, 3, 3)
     assert [p.rsplit("/", 1)[-1] for p in image.meta["filename_or_obj"]] == ["scan_0.nii.gz", "scan_1.nii.gz"]
     assert "spatial_shape" not in image.meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Template centre
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_template_centre_is_the_centre_of_the_template_striatum_on_the_working_grid():
+    from scripts.anatomy import template_rois
+    from scripts.projections import template_centre, template_grid_affine
+
+    affine = template_grid_affine((64, 64, 64))
+    striatum = template_rois((64, 64, 64), affine)["striatum"]
+    for view, axis in (("axial", 2), ("coronal", 1), ("sagittal", 0)):
+        present = np.flatnonzero(striatum.any(axis=tuple(a for a in range(3) if a != axis)))
+        assert template_centre((64, 64, 64), view) == (present[0] + present[-1]) // 2
+    # the atlas-based centre of the original study: axial slice 27 of 64 (striatum slices 21..33)
+    assert [template_centre((64, 64, 64), v) for v in VIEWS] == [27, 37, 31]
+
+
+def test_template_centre_is_the_same_for_every_scan(tiny_phantom_dataset):
+    """Every phantom scan (different subjects, poses, classes) gets the same slices; ``auto`` does not."""
+    import json
+
+    from conftest import config_preprocessing
+
+    preprocess = config_preprocessing(spatial_size=(32, 32, 32))
+    root = tiny_phantom_dataset.parent
+    entries = [e for split in ("training", "test") for e in json.loads(tiny_phantom_dataset.read_text())[split]][:12]
+    template, auto = AdjacentSlices(VIEWS, centre="template", num_slices=3), AdjacentSlices(VIEWS, centre="auto")
+    centres = {"template": set(), "auto": set()}
+    for entry in entries:
+        image = preprocess({"image": str(root / entry["image"])})["image"]
+        centres["template"].add(tuple(template.centres(image).values()))
+        centres["auto"].add(tuple(auto.centres(image).values()))
+        out = template(image)
+        assert out.meta["slice_centre"] == template.centres(image)  # the centres used travel with the image
+    assert len(centres["template"]) == 1 and len(centres["auto"]) > 1
+
+
+def test_a_hot_spot_outside_the_striatum_moves_auto_but_not_template():
+    from scripts.projections import template_grid_affine
+
+    affine = torch.as_tensor(template_grid_affine((32, 32, 32)))
+    vol = _blob_volume([(10, 19, 13), (21, 19, 13)], shape=(32, 32, 32), amplitude=3.0)
+    hot = _blob_volume([(10, 19, 13), (21, 19, 13), (16, 8, 26)], shape=(32, 32, 32), amplitude=3.0)
+    hot[0, 14:19, 6:11, 24:29] += 8.0  # a bright artefact high and posterior
+    for name, centre in (("template", "template"), ("auto", "auto")):
+        slicer = AdjacentSlices("axial", centre=centre)
+        a = slicer.centres(MetaTensor(torch.as_tensor(vol), affine=affine))
+        b = slicer.centres(MetaTensor(torch.as_tensor(hot), affine=affine))
+        assert (a == b) == (name == "template"), (name, a, b)
+
+
+def test_template_centre_of_a_scan_outside_mni_space_says_so():
+    from scripts.errors import InputError
+
+    far = torch.eye(4, dtype=torch.float64)
+    far[:3, 3] = 1000.0  # the grid lies far from the template striatum
+    image = MetaTensor(torch.zeros(1, 16, 16, 16), affine=far, meta={"filename_or_obj": "scan.nii.gz"})
+    with pytest.raises(InputError, match=r"scan.nii.gz: the template striatum .* MNI space"):
+        AdjacentSlices("axial", centre="template")(image)
+
+
+def test_configs_use_the_template_centre_by_default():
+    import json
+
+    from conftest import BUNDLE_ROOT
+
+    config = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
+    assert config["slice_centre"] == "template"
+    assert config["projection_transform"]["dynamic_image_variant"] == "@dynamic_image_variant"
+    with pytest.raises(ValueError, match="'template' or 'auto'"):
+        Projection("single_slice", centre="middle")

@@ -1,35 +1,316 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""The study runner: matrix, pairing, resumable results, isolation of cells, report and figures.
+
+The default suite runs a tiny matrix (2 projections × KD on/off × 2 seeds, one teacher, one ablation variant, one
+external set; 24³ grid, 1 epoch) in-process through the bundle's configs, interrupted by ``--max-cells`` and
+resumed; the slow test runs it with ``--subprocess`` and kills the runner's process group mid-study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import BUNDLE_ROOT
-from scripts.study.runner import format_table, summarise
+from scripts.study.matrix import PRESETS, VARIANTS, Cell, build_cells, count_cells, preset
+from scripts.study.results import ResultsFile, StudyFile
+from scripts.study.runner import main
+
+TINY = ["--set", "spatial_size=[24,24,24]", "--set", "batch_size=6", "--teacher-epochs", "1", "--student-epochs", "1"]
+MATRIX = ["--matrix", "demo", "--projections", "joint_fusion_slices", "dynamic_image", "--seeds", "2",
+          "--teachers", "1", "--variants", "fg"]  # fmt: skip
+N_CELLS = 3 + 1 + 2 * 2 * 2 + 2  # baselines, teacher, projections × KD on/off × seeds, ablation variant × seeds
 
 
-def test_summary_is_mean_and_sample_std_over_seeds():
-    per_seed = [{"accuracy": 0.8, "roc_auc": None}, {"accuracy": 0.9, "roc_auc": 0.7}, {"accuracy": 1.0}]
-    s = summarise(per_seed)
-    assert s["accuracy"]["mean"] == pytest.approx(0.9) and s["accuracy"]["std"] == pytest.approx(0.1)
-    assert s["roc_auc"] == {"mean": 0.7, "std": 0.0, "n": 1}  # undefined values are left out, not zeroed
-    table = format_table({"a": s})
-    assert "0.900 ± 0.100" in table and "| a |" in table and "n/a" in table
+def _run(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(args)) == 0
+    return out.getvalue()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# matrix and pairing
+# ----------------------------------------------------------------------------------------------------------------
+def test_presets_have_the_documented_cells():
+    counts = {name: count_cells(build_cells(preset(name))) for name in PRESETS}
+    assert counts["demo"] == {"baseline": 3, "teacher": 1, "student": 4}
+    # cpu: 3 + 3·3 + 3 teachers (full data, each low-data fraction, occipital); students: 5 projections × 2 × 5 +
+    # 4 extra variants × 5 + 3 fractions × 2 × 5 + auto centre 2 × 5 + occipital 2 × 5
+    assert counts["cpu"] == {"baseline": 3, "teacher": 15, "student": 50 + 20 + 30 + 10 + 10}
+    # full: 10 projections, matched and full-data teachers in the low-data sweep
+    assert counts["full"] == {"baseline": 3, "teacher": 25, "student": 100 + 20 + 45 + 10 + 10}
+
+
+def test_list_prints_every_cell_of_a_preset():
+    out = _run("list", "--matrix", "cpu")
+    assert "138 cells (15 teacher, 120 student, 3 baseline)" in out
+    assert "student-entropy-nokd-f1-template-minmax-s4" in out and "teacher-f0.1-minmax-s2" in out
+
+
+def test_one_study_at_a_time_per_run_folder(tmp_path):
+    from scripts.study.runner import exclusive
+
+    with exclusive(tmp_path):
+        with pytest.raises(SystemExit, match="another study is running"):
+            with exclusive(tmp_path):
+                pass
+    with exclusive(tmp_path):  # released
+        pass
+
+
+def test_cells_are_unique_and_teachers_come_before_their_students():
+    spec = preset("cpu")
+    cells = build_cells(spec)
+    assert len({c.name for c in cells}) == len(cells)
+    seen = set()
+    for cell in cells:
+        teacher = cell.teacher(spec.teachers)
+        assert teacher is None or teacher.name in seen, cell.name
+        seen.add(cell.name)
+    # the main KD cell of the default projection doubles as the ablation's fg+lg and the low-data fraction 1
+    main_kd = Cell("student", 0, "joint_fusion_slices", True, "fg+lg", 1.0, 1.0)
+    assert sum(c == main_kd for c in cells) == 1
+    assert {c.variant for c in cells if c.kind == "student" and c.kd} == set(VARIANTS)
+
+
+def test_kd_and_nokd_cells_of_a_seed_differ_only_by_distillation():
+    kd = Cell("student", 3, "dynamic_image", True, "fg", 0.5, 0.5, "template", "occipital")
+    nokd = Cell("student", 3, "dynamic_image", False, "none", 0.5, None, "template", "occipital")
+    a, b = kd.overrides(), nokd.overrides()
+    assert {k for k in a if a.get(k) != b.get(k)} == {"kd_enabled", "kd_mode", "fg_weight", "lg_weight", "decor_weight"}
+    assert a["fg_weight"] == 5.0 and a["lg_weight"] == 0.0
+    # student seed s is distilled from teacher s mod n, trained on the teacher fraction with the same intensity
+    assert kd.teacher(2) == Cell("teacher", seed=1, fraction=0.5, intensity="occipital")
+    assert nokd.teacher(2) is None
+    assert kd.name == "student-dynamic_image-kd-fg-f0.5-tf0.5-template-occipital-s3"
+    with pytest.raises(ValueError):
+        Cell("student", 0, "joint_fusion_slices", True, "nope", 1.0, 1.0)
+
+
+def test_kd_and_nokd_students_of_one_seed_share_initialisation_and_data_order(tiny_phantom_dataset, tmp_path):
+    from monai.bundle import ConfigWorkflow
+    from scripts.networks import Teacher3D
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save(Teacher3D(backbone="resnet10").state_dict(), teacher)
+    states = {}
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_ROOT)
+    try:
+        for kd in (True, False):
+            cell = Cell("student", 5, "joint_fusion_slices", kd, "fg+lg" if kd else "none", 1.0, 1.0 if kd else None)
+            wf = ConfigWorkflow(
+                config_file="configs/distill.json", logging_file=False, bundle_root=str(tmp_path),
+                dataset_dir=str(tiny_phantom_dataset.parent), spatial_size=[24, 24, 24], teacher_ckpt=str(teacher),
+                progress_bar=False, **cell.overrides(),
+            )  # fmt: skip
+            wf.initialize()
+            trainer = wf.parser.get_parsed_content("train#trainer")  # builds everything, in the order run() does
+            weights = [v.clone() for v in wf.parser.get_parsed_content("network").state_dict().values()]
+            rng = torch.random.get_rng_state()
+            order = list(next(iter(trainer.data_loader))["image"].meta["filename_or_obj"])
+            states[kd] = (weights, rng, order)
+    finally:
+        os.chdir(cwd)
+    (w_kd, rng_kd, order_kd), (w_no, rng_no, order_no) = states[True], states[False]
+    assert all(torch.equal(a, b) for a, b in zip(w_kd, w_no))
+    assert torch.equal(rng_kd, rng_no) and order_kd == order_no
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results file
+# ----------------------------------------------------------------------------------------------------------------
+def test_results_file_survives_an_interrupted_write(tmp_path):
+    results = ResultsFile(tmp_path / "results.jsonl")
+    results.append({"cell": "a", "x": 1})
+    results.append({"cell": "b", "x": 2})
+    with results.path.open("a") as f:
+        f.write('{"cell": "c", "x"')  # killed mid-write
+    with pytest.warns(UserWarning, match="unfinished last line"):
+        assert set(results.read()) == {"a", "b"}
+    results.append({"cell": "c", "x": 3})  # cuts the partial line first
+    assert results.read()["c"]["x"] == 3 and len(results.path.read_text().splitlines()) == 3
+    results.path.write_text('{"cell": "a"}\nnot json\n{"cell": "b"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        results.read()
+
+
+def test_a_run_folder_refuses_other_settings(tmp_path):
+    study = StudyFile(tmp_path / "study.json")
+    study.write({"settings": {"student": {"max_epochs": 15}}})
+    study.check({"student": {"max_epochs": 15}})
+    with pytest.raises(ValueError, match="max_epochs"):
+        study.check({"student": {"max_epochs": 30}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tiny matrix, in-process
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def av133_set(tmp_path_factory) -> Path:
+    from scripts.synthetic.phantom import generate_dataset
+
+    out = tmp_path_factory.mktemp("av133")
+    return generate_dataset(out, n_subjects=8, seed=5, modality="av133", split=(0, 0, 1), workers=1)
+
+
+def _models_state() -> dict:
+    folder = BUNDLE_ROOT / "models"
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} if folder.is_dir() else {}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_phantom_dataset, av133_set, tmp_path_factory):
+    """The tiny matrix run in two goes: interrupted after 5 cells by --max-cells, then resumed to the end."""
+    run_dir = tmp_path_factory.mktemp("study") / "run"
+    models = _models_state()
+    args = ["run", *MATRIX, *TINY, "--run-dir", str(run_dir), "--dataset-dir", str(tiny_phantom_dataset.parent),
+            "--external", f"av133={av133_set.parent}"]  # fmt: skip
+    with torch.random.fork_rng():
+        first = _run(*args, "--max-cells", "5")
+        lines_first = (run_dir / "results.jsonl").read_text().splitlines()
+        second = _run(*args)
+    return {"run_dir": run_dir, "args": args, "first": first, "second": second, "lines_first": lines_first,
+            "models": models}  # fmt: skip
+
+
+def test_an_interrupted_study_resumes_with_the_unfinished_cells(tiny_study):
+    assert f"0 finished, {N_CELLS} to run" in tiny_study["first"] and "Stopping after 5 cell(s)" in tiny_study["first"]
+    assert f"5 finished, {N_CELLS - 5} to run" in tiny_study["second"]
+    lines = (tiny_study["run_dir"] / "results.jsonl").read_text().splitlines()
+    assert lines[:5] == tiny_study["lines_first"]  # finished cells were not run again
+    assert f"[{N_CELLS}/{N_CELLS}]" in tiny_study["second"] and "estimate" in tiny_study["first"]
+
+
+def test_a_rerun_skips_every_finished_cell(tiny_study):
+    before = (tiny_study["run_dir"] / "results.jsonl").read_bytes()
+    out = _run(*tiny_study["args"], "--no-figures")
+    assert f"{N_CELLS} finished, 0 to run" in out and "->" not in out
+    assert (tiny_study["run_dir"] / "results.jsonl").read_bytes() == before
+
+
+def test_results_file_has_every_cell_once_with_its_metrics(tiny_study):
+    lines = (tiny_study["run_dir"] / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == N_CELLS == len({r["cell"] for r in records})
+    assert {r["cell"] for r in records} >= {"baseline-sbr", "baseline-always_pd", "baseline-centres"}
+    for r in records:
+        assert r["hardware"]["cpu_count"] >= 1 and r["seconds"]["wall"] > 0 and "finished" in r
+        if r["axes"]["baseline"] == "centres":
+            continue
+        assert set(r["predictions"]) == {"in-domain/validation", "in-domain/test", "av133/test"}
+        for key in ("in-domain/test", "av133/test"):
+            assert {"default", "validation", "recalibrated"} <= set(r["metrics"][key])
+            assert 0.0 <= r["metrics"][key]["validation"]["accuracy"] <= 1.0
+        if r["axes"]["kind"] != "baseline":
+            assert r["training"]["epochs"] == 1 and r["axes"]["seed"] in (0, 1)
+    variants = {(r["axes"]["projection"], r["axes"]["variant"]) for r in records if r["axes"]["kind"] == "student"}
+    assert variants == {("joint_fusion_slices", "fg+lg"), ("joint_fusion_slices", "none"), ("dynamic_image", "fg+lg"),
+                        ("dynamic_image", "none"), ("joint_fusion_slices", "fg")}  # fmt: skip
+    always = next(r for r in records if r["cell"] == "baseline-always_pd")
+    assert always["metrics"]["in-domain/test"]["validation"]["sensitivity"] == 1.0  # always PD at every threshold
+
+
+def test_every_cell_trains_and_scores_its_own_checkpoint_outside_the_repository(tiny_study):
+    run_dir = tiny_study["run_dir"]
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["axes"]["kind"] == "baseline":
+            continue
+        own = run_dir / "cells" / r["cell"]
+        assert Path(r["checkpoint"]).parent == own / "eval" / "train" and Path(r["checkpoint"]).is_file()
+        for command in r["commands"]:
+            args = shlex.split(command)
+            assert args[args.index("--bundle_root") + 1] == str(own)
+            if "--eval_checkpoint" in args:
+                assert args[args.index("--eval_checkpoint") + 1] == r["checkpoint"]
+        if r["axes"]["kd"]:
+            args = shlex.split(r["commands"][0])
+            teacher = run_dir / "cells" / r["teacher_cell"] / "eval" / "train" / "teacher.pt"
+            assert args[args.index("--teacher_ckpt") + 1] == str(teacher) == r["teacher_checkpoint"]
+    assert _models_state() == tiny_study["models"]  # the repository's models/ was not touched
+
+
+def test_report_and_figures_render_with_the_right_rows(tiny_study, tmp_path):
+    run_dir = tiny_study["run_dir"]
+    report = (run_dir / "report.md").read_text()
+    rows = ("| 3D teacher | 1 |", "| 2D joint fusion slices, with KD | 2 |",
+            "| 2D joint fusion slices, without KD | 2 |", "| 2D dynamic image, with KD | 2 |",
+            "| 2D dynamic image, without KD | 2 |",
+            "| SBR threshold (lowest putamen) | 1 |", "| always PD | 1 |", "| KD `fg` | 2 |", "**av133**",
+            "| (1) KD improves every projection |", "template centre")  # fmt: skip
+    for row in rows:
+        assert row in report, row
+    assert "too few seeds" in report  # two seeds never give a verdict
+    # the report command writes anywhere, figures beside it, linked relative to the report
+    out = tmp_path / "docs" / "results.md"
+    _run("report", str(run_dir), "--out", str(out), "--figures", str(tmp_path / "docs" / "figures"))
+    text = out.read_text()
+    figures = {p.name for p in (tmp_path / "docs" / "figures").glob("*.png")}
+    assert figures >= {"kd_vs_nokd.png", "roc.png", "external.png", "ablation.png", "centres.png", "gallery.png"}
+    for name in figures:
+        assert (tmp_path / "docs" / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(figures/{name})" in text
+    assert all(row in text for row in rows)
+
+
+def test_the_run_folder_keeps_its_settings(tiny_study):
+    with pytest.raises(SystemExit, match="student"):
+        _run(*tiny_study["args"], "--student-epochs", "3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tiny matrix, one process per cell, killed and resumed
+# ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_study_runs_the_whole_matrix_through_the_bundle(tiny_phantom_dataset, tmp_path):
-    cmd = [sys.executable, "-m", "scripts.study", "--dataset-dir", str(tiny_phantom_dataset.parent),
-           "--seeds", "0", "1", "--train-fractions", "0.5", "--teacher-epochs", "1", "--student-epochs", "1",
-           "--name", "pytest-study", "--set", "spatial_size=[32,32,32]",
-           "--set", f"bundle_root={tmp_path}"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT))
-    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+def test_subprocess_study_killed_mid_run_resumes_and_its_commands_are_real(tiny_phantom_dataset, av133_set, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scripts.study", "run", *MATRIX, *TINY, "--run-dir", str(run_dir), "--subprocess",
+           "--dataset-dir", str(tiny_phantom_dataset.parent), "--external", f"av133={av133_set.parent}"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT), OMP_NUM_THREADS="1")
+    results = run_dir / "results.jsonl"
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.is_file() and len(results.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    time.sleep(2.0)  # into the next cell's training
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its cell process, as a Ctrl-C or a lost session would
+    proc.wait()
+    done = results.read_text().splitlines()
+    assert 6 <= len(done) < N_CELLS
+
+    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (summary,) = (tmp_path / "eval").glob("pytest-study-*/summary.json")
-    record = json.loads(summary.read_text())
-    names = list(record["summary"])
-    assert names[0] == "3D teacher" and len(record["per_seed"][names[1]]) == 2
-    assert "SBR threshold (lowest putamen)" in names and "always PD (trivial baseline)" in names
+    assert f"{len(done)} finished, {N_CELLS - len(done)} to run" in result.stdout
+    lines = results.read_text().splitlines()
+    assert lines[: len(done)] == done and len(lines) == N_CELLS
+    records = [json.loads(line) for line in lines]
+    assert {r["mode"] for r in records} == {"subprocess"} and (run_dir / "report.md").is_file()
+
+    # a recorded evaluation command, run by hand through MONAI's CLI, reproduces the cell's predictions
+    student = next(r for r in records if r["axes"]["kind"] == "student" and r["axes"]["kd"])
+    command = next(c for c in student["commands"] if "eval-av133-test" in c)
+    args = shlex.split(command)
+    args[args.index("--run_name") + 1] = "by-hand"
+    by_hand = subprocess.run([sys.executable, *args[1:]], cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True)
+    assert by_hand.returncode == 0, by_hand.stderr[-3000:]
+    rows = (run_dir / "cells" / student["cell"] / "eval" / "by-hand" / "predictions.csv").read_text().splitlines()
+    scores = {Path(r.split(",")[0]).name: float(r.split(",")[2]) for r in rows}
+    pred = student["predictions"]["av133/test"]
+    assert [scores[f] for f in pred["files"]] == pytest.approx(pred["scores"], abs=1e-5)

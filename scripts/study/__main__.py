@@ -4,4 +4,5 @@
 
 from scripts.study.runner import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # the phantom generator's worker processes re-import this module
+    raise SystemExit(main())

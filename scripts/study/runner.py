@@ -1,199 +1,392 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""The experiment matrix, run through the bundle's own entry points; its defaults are the README's main job.
+"""``python -m scripts.study``: run the experiment matrix through the bundle's configs, resumably, and report it.
 
-    python -m scripts.study [--projections joint_fusion_slices ...] [--seeds 0 1 2] [--train-fractions 0.1 1.0]
-                            [--skip-teacher] [--dataset-dir DIR] [--set KEY=VALUE ...]
+    python -m scripts.study run --matrix demo|cpu|full [--run-dir DIR] [--dataset-dir DIR --external NAME=DIR ...]
+                                [--projections ...] [--seeds N] [--teachers N] [--variants ...] [--fractions ...]
+                                [--teacher-fraction matched|full|both] [--centres auto] [--intensities occipital]
+                                [--teacher-epochs N] [--student-epochs N] [--set KEY=VALUE ...]
+                                [--prevalence NAME=P ...] [--subprocess] [--max-cells N] [--only PATTERN ...]
+                                [--dry-run]
+    python -m scripts.study report RUN_DIR [--out docs/results.md] [--figures docs/figures]
+    python -m scripts.study list --matrix cpu
 
-Steps (each one a ``python -m monai.bundle run ...`` command, printed before it runs):
+``run`` (the default sub-command) builds the matrix (:mod:`scripts.study.matrix`), prepares the data (the
+synthetic in-domain and external sets, unless ``--dataset-dir`` / ``--external`` name others), then runs every
+cell that is not finished yet (:mod:`scripts.study.cells`), appending its record to ``<run dir>/results.jsonl``
+as it finishes, and prints progress (cells done / total, elapsed, estimate). Re-running the same command resumes:
+finished cells are skipped, an interrupted cell is run again from scratch. When every cell is finished it writes
+``<run dir>/report.md`` with its figures (:mod:`scripts.study.report`) and prints the main table.
 
-1. train the 3D teacher once (``configs/train_teacher.json``, on the full training split; the synthetic phantom
-   set is generated first when the dataset folder has no datalist) and score it on the test split
-   (``configs/evaluate.json``);
-2. for every projection × training fraction × seed, distil the 2D student from the frozen teacher
-   (``configs/distill.json``) and train the identical student without the teacher (``--kd_enabled False``),
-   and score both on the test split; a training fraction below 1 keeps that share of the training subjects
-   (same subset for KD and no-KD);
-3. fit the lowest-putamen SBR threshold on the training split and score it on the test split, beside the
-   always-PD baseline;
-4. print the metrics side by side (mean ± std over seeds) and write them to ``eval/<run>/summary.{json,md}``.
+Cells run in this process by default (MONAI's ``ConfigWorkflow`` on the bundle's configs, the code path of
+``python -m monai.bundle run``, without paying its start-up for every run); ``--subprocess`` runs each cell in
+a fresh ``python -m scripts.study cell`` process instead (isolation from the study process, e.g. for memory).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import ast
+import contextlib
+import fnmatch
 import json
 import os
 import shlex
-import statistics
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
-from scripts.data import load_datalist
-from scripts.metrics import classification_report
-from scripts.sbr import evaluate_sbr_baseline
-from scripts.synthetic import ensure_dataset
+from scripts.study.cells import BUNDLE_ROOT, StudyContext, cell_dir, run_cell
+from scripts.study.matrix import PRESETS, TEACHER_FRACTIONS, VARIANTS, Cell, build_cells, count_cells, preset
+from scripts.study.results import ResultsFile, SettingsMismatchError, StudyFile
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-REPORTED = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
+__all__ = ["main", "prepare_data", "context_from_study"]
 
 
-def run_bundle(config_files: Sequence[str], run_id: str | None, overrides: dict, log: list[str]) -> float:
-    """Run ``python -m monai.bundle run [run_id] --config_file ...`` from the bundle root; return seconds taken."""
-    files = [f"configs/{f}" for f in config_files]
-    config_arg = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + ["--config_file", config_arg]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    printable = "python " + " ".join(shlex.quote(c) for c in cmd[1:])
-    print(f"\n$ {printable}", flush=True)
-    log.append(printable)
-    start = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"command failed with exit code {result.returncode}: {printable}")
-    return time.perf_counter() - start
+def _parse_value(text: str) -> object:
+    """A command-line value as python-fire would read it: a Python literal when it is one, else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
-def read_metrics(run_dir: Path, datalist: str, split: str = "test") -> dict:
-    """Metrics of an evaluation run from its per-scan predictions (``predictions.csv``: file, P(HC), P(PD))."""
-    path = run_dir / "predictions.csv"
-    if not path.is_file():
-        raise SystemExit(f"expected predictions at {path}, but the evaluation wrote none.")
-    with path.open() as f:
-        scores = {row[0]: float(row[2]) for row in csv.reader(f)}
-    labels = {e["image"]: e["label"] for e in load_datalist(datalist, split)}
-    names = sorted(labels)
-    return classification_report([labels[n] for n in names], [scores[n] for n in names])
-
-
-def summarise(per_seed: list[dict]) -> dict:
-    """Mean and (sample) std over seeds of each reported metric."""
+def _pairs(items: Sequence[str], option: str, parser: argparse.ArgumentParser) -> dict[str, str]:
     out = {}
-    for name in REPORTED:
-        values = [m[name] for m in per_seed if m.get(name) is not None]
-        if values:
-            out[name] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "n": len(values),
-            }
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            parser.error(f"{option} expects NAME=VALUE, got {item!r}.")
+        out[key] = value
     return out
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    header = "| model | " + " | ".join(REPORTED) + " |"
-    lines = [header, "|" + "---|" * (len(REPORTED) + 1)]
-    for name, summary in rows.items():
-        cells = []
-        for metric in REPORTED:
-            s = summary.get(metric)
-            if s is None:
-                cells.append("n/a")
-            elif s["n"] > 1:
-                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
-            else:
-                cells.append(f"{s['mean']:.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _datalist_path(path: str, option: str) -> str:
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        p = p / "datalist.json"
+    if not p.is_file():
+        raise SystemExit(f"error: {option} {path}: no datalist found at {p}.")
+    return str(p)
+
+
+def synthetic_study_data(root: Path, n_subjects: int | dict[str, int] | None, workers: int = 2) -> dict[str, str]:
+    """The synthetic sets of a study under ``root``: the in-domain set first, then the external sets.
+
+    Uses the generator's study sets (``make_study_data``: the harder ``benchmark`` preset and two shifted sets)
+    when the generator provides them; otherwise the default DaTscan set and an 18F-AV133 PET-like set (all its
+    scans in the ``test`` split). Generated once; a resumed study reads ``root/datasets.json``.
+    """
+    index = root / "datasets.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    from scripts.synthetic import phantom
+
+    root.mkdir(parents=True, exist_ok=True)
+    if hasattr(phantom, "make_study_data"):
+        made = phantom.make_study_data(root, seed=0, workers=workers, n_subjects=n_subjects)
+        first = "benchmark" if "benchmark" in made else next(iter(made))
+        data = {first: str(made[first]), **{k: str(v) for k, v in made.items() if k != first}}
+    else:
+        n = (n_subjects.get("benchmark") if isinstance(n_subjects, dict) else n_subjects) or 200
+        spect = phantom.generate_dataset(root / "spect", n_subjects=n, seed=0, workers=workers)
+        av133 = phantom.generate_dataset(
+            root / "av133", n_subjects=max(20, n // 4), seed=1, modality="av133", split=(0, 0, 1), workers=workers
+        )
+        data = {"spect": str(spect), "av133": str(av133)}
+    index.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def prepare_data(args: argparse.Namespace, run_dir: Path, n_subjects: int | dict[str, int] | None) -> dict[str, str]:
+    """``{name: datalist}``: ``--dataset-dir`` (or the synthetic sets) and every ``--external NAME=DIR``."""
+    externals = {k: _datalist_path(v, "--external") for k, v in args.external.items()}
+    if args.dataset_dir:
+        data = {args.dataset_name: _datalist_path(args.dataset_dir, "--dataset-dir")}
+    else:
+        data = synthetic_study_data(run_dir / "data", n_subjects)
+    clash = set(externals) & set(data)
+    if clash and any(externals[k] != data[k] for k in clash):
+        raise SystemExit(f"error: --external name(s) {sorted(clash)} already used by another data set.")
+    return {**data, **externals}
+
+
+def context_from_study(run_dir: str | os.PathLike) -> StudyContext:
+    """The :class:`StudyContext` recorded in ``<run dir>/study.json``."""
+    content = StudyFile(Path(run_dir) / "study.json").read()
+    if content is None:
+        raise SystemExit(f"error: {run_dir} holds no study.json; start the study with `python -m scripts.study run`.")
+    s = content["settings"]
+    return StudyContext(
+        run_dir=Path(run_dir),
+        datasets=s["datasets"],
+        settings=s["shared"],
+        teacher_settings=s["teacher"],
+        student_settings=s["student"],
+        n_teachers=s["n_teachers"],
+        prevalence=s["prevalence"],
+    )
+
+
+def _format_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """Cells done / total, elapsed time and an estimate of the rest (mean time per cell of each kind so far)."""
+
+    def __init__(self, total: int, done: int, todo: Sequence[Cell]) -> None:
+        self.total, self.done, self.todo = total, done, list(todo)
+        self.start = time.perf_counter()
+        self.seconds: dict[str, list[float]] = {}
+
+    def finished(self, cell: Cell, seconds: float) -> str:
+        self.done += 1
+        self.todo.remove(cell)
+        self.seconds.setdefault(cell.kind, []).append(seconds)
+        everything = [s for v in self.seconds.values() for s in v]
+        mean = {k: sum(v) / len(v) for k, v in self.seconds.items()}
+        rest = sum(mean.get(c.kind, sum(everything) / len(everything)) for c in self.todo)
+        elapsed = time.perf_counter() - self.start
+        return (
+            f"[{self.done}/{self.total}] {cell.name} done in {seconds:.0f} s | elapsed {_format_minutes(elapsed)}"
+            + (f" | estimate {_format_minutes(rest)} more" if self.todo else "")
+        )
+
+
+def _run_subprocess(run_dir: Path, cell: Cell) -> dict:
+    folder = cell_dir(run_dir, cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "scripts.study", "cell", str(run_dir), json.dumps(cell.as_dict())]
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with (folder / "process.log").open("a") as log:
+        result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"exit status {result.returncode}; see {folder / 'process.log'} and {folder / 'log.txt'}")
+    return json.loads((folder / "record.json").read_text())
+
+
+def _check_dependencies(todo: Sequence[Cell], done: set[str], n_teachers: int) -> None:
+    available = set(done)
+    for cell in todo:
+        teacher = cell.teacher(n_teachers)
+        if teacher is not None and teacher.name not in available:
+            raise SystemExit(
+                f"error: {cell.name} needs its teacher {teacher.name}, which is neither finished nor scheduled "
+                "before it (check --only)."
+            )
+        available.add(cell.name)
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run dir>/.lock`` (an OS file lock, released when the process ends however it ends): two studies
+    writing to one folder would run the same cells twice."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except BlockingIOError:
+            raise SystemExit(
+                f"error: another study is running in {run_dir}; wait for it or choose another --run-dir."
+            ) from None
+        yield
+
+
+def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    changes = {
+        "projections": args.projections,
+        "seeds": args.seeds,
+        "teachers": args.teachers,
+        "variants": args.variants,
+        "fractions": args.fractions,
+        "teacher_fraction": args.teacher_fraction,
+        "centres": args.centres,
+        "intensities": args.intensities,
+        "teacher_epochs": args.teacher_epochs,
+        "student_epochs": args.student_epochs,
+        "n_subjects": args.n_subjects,
+    }
+    try:
+        spec = preset(args.matrix, **changes)
+    except ValueError as e:
+        parser.error(str(e))
+    cells = build_cells(spec)
+    if args.only:
+        cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pattern) for pattern in args.only)]
+    run_dir = Path(args.run_dir or BUNDLE_ROOT / "eval" / f"study-{args.matrix}").resolve()
+    if args.dry_run:
+        for cell in cells:
+            print(cell.name)
+        print(f"{len(cells)} cells ({', '.join(f'{n} {k}' for k, n in count_cells(cells).items())}) in {run_dir}")
+        return 0
+    with exclusive(run_dir):
+        return _run_study(args, spec, cells, run_dir)
+
+
+def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path) -> int:
+    study = StudyFile(run_dir / "study.json")
+    shared = {**spec.settings, **{k: _parse_value(v) for k, v in args.set.items()}}
+    shared.setdefault("progress_bar", False)
+    teacher = {"max_epochs": spec.teacher_epochs, "patience": shared.get("patience", spec.teacher_epochs)}
+    student = {"max_epochs": spec.student_epochs, "patience": shared.get("patience", spec.student_epochs)}
+    previous = study.read()
+    datasets = previous["settings"]["datasets"] if previous and not (args.dataset_dir or args.external) else None
+    if datasets is None:
+        datasets = prepare_data(args, run_dir, spec.n_subjects)
+    settings = {
+        "shared": shared,
+        "teacher": teacher,
+        "student": student,
+        "n_teachers": spec.teachers,
+        "datasets": datasets,
+        "prevalence": {k: float(v) for k, v in args.prevalence.items()},
+    }
+    try:
+        study.check(settings)
+    except SettingsMismatchError as e:
+        raise SystemExit(f"error: {e}") from None
+    invocation = {
+        "command": "python -m scripts.study " + " ".join(shlex.quote(a) for a in args.argv),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    content = previous or {"created": invocation["started"]}
+    content.update(settings=settings, matrix={"preset": args.matrix, **vars(spec)})
+    content.setdefault("invocations", []).append(invocation)
+    study.write(content)
+
+    results = ResultsFile(run_dir / "results.jsonl")
+    if results.repair():
+        print(f"note: cut an unfinished last line from {results.path} (an interrupted write).")
+    done = results.read()
+    todo = [c for c in cells if c.name not in done]
+    _check_dependencies(todo, set(done), spec.teachers)
+    counts = ", ".join(f"{n} {k}" for k, n in count_cells(cells).items())
+    print(f"Study {run_dir}: {len(cells)} cells ({counts}); {len(cells) - len(todo)} finished, {len(todo)} to run.")
+    ctx = context_from_study(run_dir)
+    progress = Progress(len(cells), len(cells) - len(todo), todo)
+    for ran, cell in enumerate(list(todo)):
+        if args.max_cells is not None and ran >= args.max_cells:
+            print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
+            return 0
+        folder = cell_dir(run_dir, cell)
+        if folder.exists():
+            shutil.rmtree(folder)  # an interrupted cell's partial outputs; the cell runs again from scratch
+        print(f"-> {cell.name}", flush=True)
+        start = time.perf_counter()
+        try:
+            record = _run_subprocess(run_dir, cell) if args.subprocess else run_cell(ctx, cell)
+        except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
+            raise SystemExit(f"error: cell {cell.name} failed: {e} (log: {folder / 'log.txt'})") from e
+        record["seconds"]["wall"] = time.perf_counter() - start
+        record["mode"] = "subprocess" if args.subprocess else "in-process"
+        results.append(record)
+        print(progress.finished(cell, record["seconds"]["wall"]), flush=True)
+
+    from scripts.study.report import write_report
+
+    report = write_report(run_dir, run_dir / "report.md", run_dir / "figures", figures=not args.no_figures)
+    print(f"\n{report.summary}\n\nReport: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_cell(args: argparse.Namespace) -> int:
+    """Run one cell in this process and write its record to ``<cell dir>/record.json`` (``--subprocess``)."""
+    ctx = context_from_study(args.run_dir)
+    cell = Cell.from_dict(json.loads(args.cell))
+    record = run_cell(ctx, cell)
+    (cell_dir(ctx.run_dir, cell) / "record.json").write_text(json.dumps(record))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from scripts.study.report import write_report
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "report.md"
+    figures = Path(args.figures) if args.figures else out.parent / "figures"
+    report = write_report(run_dir, out, figures, figures=not args.no_figures)
+    print(f"{report.summary}\n\nWrote {out} and {len(report.figures)} figure(s) in {figures}.")
+    return 0
+
+
+def _add_matrix_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matrix", default="demo", choices=sorted(PRESETS), help="named matrix preset (default: demo)")
+    p.add_argument("--projections", nargs="+", default=None, help="student projections of the main part")
+    p.add_argument("--seeds", type=int, default=None, help="number of student seeds (0..N-1)")
+    p.add_argument("--teachers", type=int, default=None, help="number of teacher seeds (0..N-1)")
+    p.add_argument("--variants", nargs="*", default=None, choices=sorted(VARIANTS), help="loss ablation variants")
+    p.add_argument("--fractions", type=float, nargs="*", default=None, help="low-data training fractions below 1")
+    p.add_argument("--teacher-fraction", default=None, choices=TEACHER_FRACTIONS, help="teacher of low-data KD")
+    p.add_argument("--centres", nargs="*", default=None, choices=["auto", "template"], help="extra slice centres")
+    p.add_argument("--intensities", nargs="*", default=None, choices=["occipital", "zscore", "minmax"])
+    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument("--student-epochs", type=int, default=None)
+    p.add_argument("--n-subjects", type=int, default=None, help="subjects of every generated synthetic set")
+    p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="run only cells matching these globs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("run", "report", "list", "cell")
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
     parser = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n")[0])
-    parser.add_argument("--projections", nargs="+", default=["joint_fusion_slices"], help="student projections")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (the teacher uses the first)")
-    parser.add_argument("--train-fractions", type=float, nargs="+", default=[1.0], help="student training subsets")
-    parser.add_argument("--dataset-dir", default=None, help="dataset folder (default: the configs' synthetic set)")
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="override the teacher's max_epochs")
-    parser.add_argument("--student-epochs", type=int, default=None, help="override the students' max_epochs")
-    parser.add_argument("--skip-teacher", action="store_true", help="reuse models/teacher.pt instead of training")
-    parser.add_argument("--name", default="study", help="prefix of the run folder under eval/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a study and report it")
+    _add_matrix_options(run)
+    run.add_argument("--run-dir", default=None, help="study folder (default: eval/study-<matrix>)")
+    run.add_argument("--dataset-dir", default=None, help="in-domain data folder or datalist (default: synthetic)")
+    run.add_argument("--dataset-name", default="in-domain", help="name of --dataset-dir in the report")
+    run.add_argument("--external", action="append", default=[], metavar="NAME=DIR", help="external test set")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
+    run.add_argument("--prevalence", action="append", default=[], metavar="NAME=P", help="assumed PD prevalence")
+    run.add_argument("--subprocess", action="store_true", help="run each cell in its own process")
+    run.add_argument("--max-cells", type=int, default=None, help="stop after running this many cells")
+    run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    run.add_argument("--no-figures", action="store_true", help="write the report without figures")
+
+    rep = sub.add_parser("report", help="write the report of a study folder")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", default=None, help="report file (default: <run dir>/report.md)")
+    rep.add_argument("--figures", default=None, help="figure folder (default: figures/ next to the report)")
+    rep.add_argument("--no-figures", action="store_true")
+
+    lst = sub.add_parser("list", help="list the cells of a matrix")
+    _add_matrix_options(lst)
+
+    cell = sub.add_parser("cell", help=argparse.SUPPRESS)
+    cell.add_argument("run_dir")
+    cell.add_argument("cell")
+
     args = parser.parse_args(argv)
-    for kv in args.set:
-        if "=" not in kv:
-            parser.error(f"--set expects KEY=VALUE, got {kv!r}")
-
-    run = f"{args.name}-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    common = dict(kv.split("=", 1) for kv in args.set)
-    if args.dataset_dir:
-        common["dataset_dir"] = os.path.abspath(args.dataset_dir)
-    if not sys.stdout.isatty():
-        common.setdefault("progress_bar", "False")
-    root = Path(common.get("bundle_root", BUNDLE_ROOT))  # where the runs write (``--set bundle_root=...``)
-    log: list[str] = []
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    teacher = {**common, "seed": args.seeds[0]}
-    if args.teacher_epochs is not None:
-        teacher["max_epochs"] = args.teacher_epochs
-    if not args.skip_teacher:
-        timings["teacher training"] = run_bundle(
-            ["train_teacher.json"], "training", {**teacher, "run_name": f"{run}/teacher"}, log
-        )
-    run_bundle(["train_teacher.json", "evaluate.json"], None, {**teacher, "run_name": f"{run}/teacher-test"}, log)
-    datalist = ensure_dataset(common.get("dataset_dir", root / "data" / "synthetic_spect"))
-    results = {"3D teacher": [read_metrics(root / "eval" / run / "teacher-test", datalist)]}
-
-    for projection in args.projections:
-        for fraction in args.train_fractions:
-            for kd in (True, False):
-                name = f"2D student {'with' if kd else 'without'} KD ({projection}"
-                name += f", {fraction:.0%} of training subjects)" if fraction < 1 else ")"
-                results[name] = []
-                for seed in args.seeds:
-                    tag = f"{projection}-f{fraction:g}-{'kd' if kd else 'nokd'}-seed{seed}"
-                    overrides = {**common, "projection": projection, "train_fraction": fraction, "seed": seed}
-                    overrides["kd_enabled"] = kd
-                    if args.student_epochs is not None:
-                        overrides["max_epochs"] = args.student_epochs
-                    timings[f"student {tag}"] = run_bundle(
-                        ["distill.json"], "training", {**overrides, "run_name": f"{run}/{tag}"}, log
-                    )
-                    run_bundle(
-                        ["distill.json", "evaluate.json"], None, {**overrides, "run_name": f"{run}/{tag}-test"}, log
-                    )
-                    results[name].append(read_metrics(root / "eval" / run / f"{tag}-test", datalist))
-
-    sbr = evaluate_sbr_baseline(datalist, fit_split="training", eval_split="test")
-    results["SBR threshold (lowest putamen)"] = [sbr["metrics"]]
-    labels = [e["label"] for e in load_datalist(datalist, "test")]
-    results["always PD (trivial baseline)"] = [classification_report(labels, [1.0] * len(labels))]
-    n, n_pd = len(labels), sum(labels)
-
-    summary = {name: summarise(values) for name, values in results.items()}
-    table = format_table(summary)
-    total = time.perf_counter() - started
-    out_dir = root / "eval" / run
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"Test split: {n} scans ({n_pd} PD, {n - n_pd} HC) of {datalist}; student seeds {args.seeds}; "
-        f"mean ± sample std over seeds where more than one."
-    )
-    record = {
-        "dataset": str(datalist),
-        "seeds": args.seeds,
-        "projections": args.projections,
-        "train_fractions": args.train_fractions,
-        "test_scans": n,
-        "test_pd": n_pd,
-        "summary": summary,
-        "per_seed": results,
-        "sbr_threshold": sbr["threshold"],
-        "commands": log,
-        "seconds": {**timings, "total": total},
-    }
-    (out_dir / "summary.json").write_text(json.dumps(record, indent=2))
-    (out_dir / "summary.md").write_text(f"# {run}\n\n{header}\n\n{table}\n\nTotal {total / 60:.1f} min.\n")
-    print(f"\n{header}\n\n{table}\n\nTotal {total / 60:.1f} min. Summary: {out_dir / 'summary.md'}")
-    return 0
+    args.argv = argv
+    if args.command == "cell":
+        return cmd_cell(args)
+    if args.command == "report":
+        return cmd_report(args)
+    if args.command == "list":
+        args.dry_run, args.run_dir = True, None
+        return cmd_run(args, parser)
+    args.external = _pairs(args.external, "--external", parser)
+    args.set = _pairs(args.set, "--set", parser)
+    args.prevalence = _pairs(args.prevalence, "--prevalence", parser)
+    for name, value in args.prevalence.items():
+        try:
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--prevalence {name}={value}: expected a number in [0, 1].")
+    return cmd_run(args, parser)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,343 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""The experiment matrix: what a cell is, how cells pair, and the named presets.
+
+A *cell* is one model trained once (a teacher or a student with one seed) or one baseline, scored on every test
+set. The matrix of a study is the union of
+
+* **teachers**: the 3D teacher with seeds ``0 .. n_teachers - 1`` (and, for the low-data sweep with
+  ``teacher_fraction`` ``matched``/``both``, teachers trained on each training fraction; for the intensity
+  comparison, teachers trained with each intensity normalisation);
+* **main**: every projection × {KD, no-KD} × student seeds ``0 .. n_seeds - 1``, loss variant ``fg+lg``;
+* **ablation** (default projection, KD): every loss variant of :data:`VARIANTS` × seeds;
+* **low data**: every training fraction × {teacher, KD, no-KD} × seeds on the default projection;
+* **centre**: the default projection with ``slice_centre: auto`` instead of the fixed template centre, × {KD,
+  no-KD} × seeds;
+* **intensity**: teachers and default-projection students (KD, no-KD) with another intensity normalisation;
+* **baselines**: the lowest-putamen SBR threshold and always-PD, and the slice centres that ``auto`` picks.
+
+Cells shared by two parts (the main KD cell of the default projection is also the ablation's ``fg+lg`` and the
+low-data sweep's fraction 1) are run once.
+
+Pairing of seeds
+    Student seed ``s`` sets ``--seed s`` (``monai.utils.set_determinism`` in the config's ``initialize``), so the
+    KD and the no-KD student of seed ``s`` start from the same initial weights and see the training scans in the
+    same order (the configs instantiate the teacher definition in both, so both consume the random stream alike;
+    ``tests/test_study.py`` checks it); they differ only by the distillation terms. A KD student of seed ``s`` is
+    distilled from the teacher of seed ``s mod n_teachers`` (of its training fraction and intensity), and a
+    student–teacher comparison pairs it with that teacher. Every model of a training fraction below 1 sees the
+    same subset of training subjects (``data_seed`` stays fixed), so seeds measure initialisation and data-order
+    variance, not subset variance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from monai.utils import look_up_option
+from scripts.projections import PROJECTIONS
+
+__all__ = [
+    "VARIANTS",
+    "DEFAULT_VARIANT",
+    "DEFAULT_PROJECTION",
+    "KINDS",
+    "BASELINES",
+    "TEACHER_FRACTIONS",
+    "Cell",
+    "MatrixSpec",
+    "PRESETS",
+    "preset",
+    "build_cells",
+    "slice_based",
+    "count_cells",
+]
+
+DEFAULT_PROJECTION = "joint_fusion_slices"
+"""The configs' default projection; the ablation, low-data, centre and intensity parts use it."""
+
+VARIANTS: dict[str, dict] = {
+    "fg+lg": {"kd_mode": "graph", "fg_weight": 5.0, "lg_weight": 5.0, "decor_weight": 0.0},
+    "fg": {"kd_mode": "graph", "fg_weight": 5.0, "lg_weight": 0.0, "decor_weight": 0.0},
+    "lg": {"kd_mode": "graph", "fg_weight": 0.0, "lg_weight": 5.0, "decor_weight": 0.0},
+    "fg+lg+decor": {"kd_mode": "graph", "fg_weight": 5.0, "lg_weight": 5.0, "decor_weight": 1.0},
+    "hinton": {"kd_mode": "hinton", "fg_weight": 0.0, "lg_weight": 1.0, "decor_weight": 0.0},
+}
+"""Distillation loss variants (overrides of ``configs/distill.json``), ``λ_cls = 1`` and ``T = 5`` throughout:
+
+* ``fg+lg``: the configs' default, ``CE + 5 L_fg + 5 L_lg``;
+* ``fg`` / ``lg``: one graph term only;
+* ``fg+lg+decor``: plus the decorrelation term ``1 · M(f_s)`` of the reference loss (GS_lf);
+* ``hinton``: classic soft-target distillation ``CE + T² KL(p_t ‖ p_s)`` (weight 1: the ``T²`` factor keeps its
+  gradient on the scale of the CE term), no graph terms.
+"""
+
+DEFAULT_VARIANT = "fg+lg"
+NO_KD = "none"
+KINDS = ("teacher", "student", "baseline")
+BASELINES = ("sbr", "always_pd", "centres")
+TEACHER_FRACTIONS = ("matched", "full", "both")
+
+_SLICE_BASED = {
+    "single_slice",
+    "early_fusion_slices",
+    "joint_fusion_slices",
+    "early_fusion_views",
+    "joint_fusion_views",
+    "early_fusion_views_slices",
+}
+
+
+def slice_based(projection: str | None) -> bool:
+    """Whether a projection takes slices around a centre (so ``slice_centre`` matters)."""
+    return projection in _SLICE_BASED
+
+
+def _fraction(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix (see the module docstring).
+
+    Attributes:
+        kind: ``"teacher"``, ``"student"`` or ``"baseline"``.
+        seed: the training seed (``--seed``).
+        projection: the student's projection (students only).
+        kd: distilled from a teacher (students only).
+        variant: loss variant of :data:`VARIANTS` for a KD student, ``"none"`` otherwise.
+        fraction: share of the training subjects the model is trained on (``--train_fraction``).
+        teacher_fraction: training fraction of a KD student's teacher (1 or ``fraction``).
+        centre: ``slice_centre`` of a student (``"template"`` or ``"auto"``).
+        intensity: intensity normalisation (``"minmax"`` or ``"occipital"``).
+        baseline: ``"sbr"``, ``"always_pd"`` or ``"centres"`` for a baseline cell.
+    """
+
+    kind: str
+    seed: int = 0
+    projection: str | None = None
+    kd: bool = False
+    variant: str = NO_KD
+    fraction: float = 1.0
+    teacher_fraction: float | None = None
+    centre: str = "template"
+    intensity: str = "minmax"
+    baseline: str | None = None
+
+    def __post_init__(self) -> None:
+        look_up_option(self.kind, KINDS)
+        if self.kind == "student":
+            look_up_option(self.projection, PROJECTIONS)
+            if self.kd:
+                look_up_option(self.variant, VARIANTS)
+                if self.teacher_fraction is None:
+                    raise ValueError("a KD student needs the training fraction of its teacher.")
+            elif self.variant != NO_KD or self.teacher_fraction is not None:
+                raise ValueError("a student without KD has no loss variant and no teacher.")
+        if self.kind == "baseline":
+            look_up_option(self.baseline, BASELINES)
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"training fraction must be in (0, 1], got {self.fraction}.")
+
+    @property
+    def name(self) -> str:
+        """Unique, file-system safe name, e.g. ``student-joint_fusion_slices-kd-fg+lg-f1-tf1-template-minmax-s0``."""
+        if self.kind == "baseline":
+            return f"baseline-{self.baseline}"
+        if self.kind == "teacher":
+            return f"teacher-f{_fraction(self.fraction)}-{self.intensity}-s{self.seed}"
+        kd = (
+            f"kd-{self.variant}-f{_fraction(self.fraction)}-tf{_fraction(self.teacher_fraction)}"
+            if self.kd
+            else (f"nokd-f{_fraction(self.fraction)}")
+        )
+        return f"student-{self.projection}-{kd}-{self.centre}-{self.intensity}-s{self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The name without the seed: the cells summarised together over seeds."""
+        return self.name.rsplit("-s", 1)[0] if self.kind != "baseline" else self.name
+
+    def teacher(self, n_teachers: int) -> Cell | None:
+        """The teacher cell a KD student is distilled from: seed ``seed mod n_teachers``; ``None`` otherwise."""
+        if self.kind != "student" or not self.kd:
+            return None
+        return Cell("teacher", seed=self.seed % n_teachers, fraction=self.teacher_fraction, intensity=self.intensity)
+
+    def overrides(self) -> dict:
+        """The config overrides of this cell's axes (the study adds paths, grid and schedule)."""
+        if self.kind == "baseline":
+            return {}
+        out = {"seed": self.seed, "train_fraction": self.fraction, "intensity": self.intensity}
+        if self.kind == "student":
+            out.update(projection=self.projection, slice_centre=self.centre, kd_enabled=self.kd)
+            if self.kd:
+                out.update(VARIANTS[self.variant])
+        return out
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Cell:
+        return cls(**data)
+
+
+@dataclass
+class MatrixSpec:
+    """The extent of a study (see :data:`PRESETS`).
+
+    Attributes:
+        projections: student projections of the main part.
+        seeds: number of student seeds (``0 .. seeds - 1``).
+        teachers: number of teacher seeds.
+        variants: loss variants of the ablation (the main part always uses ``fg+lg``).
+        fractions: training fractions below 1 of the low-data sweep.
+        teacher_fraction: teacher of a low-data KD student: ``"matched"`` (trained on the same fraction, so the
+            KD student sees no label the no-KD student does not), ``"full"`` (the full-data teacher) or ``"both"``.
+        centres: extra ``slice_centre`` values compared on the default projection (the main part uses
+            ``"template"``).
+        intensities: extra intensity normalisations compared on the default projection and the teacher.
+        teacher_epochs, student_epochs: ``max_epochs`` (and ``patience``) of the two trainings.
+        n_subjects: subjects of the generated synthetic sets (when the study generates its data): ``None`` for the
+            generator's recommended sizes, ``{set name: n}`` for some sets (e.g. ``{"benchmark": 200}``), or an int
+            for every set.
+        settings: other config overrides shared by every cell (grid, batch sizes, ...).
+    """
+
+    projections: tuple[str, ...] = (DEFAULT_PROJECTION,)
+    seeds: int = 5
+    teachers: int = 5
+    variants: tuple[str, ...] = ()
+    fractions: tuple[float, ...] = ()
+    teacher_fraction: str = "matched"
+    centres: tuple[str, ...] = ()
+    intensities: tuple[str, ...] = ()
+    teacher_epochs: int = 8
+    student_epochs: int = 15
+    n_subjects: int | dict[str, int] | None = None
+    settings: dict = field(default_factory=dict)
+
+    def check(self) -> MatrixSpec:
+        for p in self.projections:
+            look_up_option(p, PROJECTIONS)
+        for v in self.variants:
+            look_up_option(v, VARIANTS)
+        look_up_option(self.teacher_fraction, TEACHER_FRACTIONS)
+        for c in self.centres:
+            look_up_option(c, ("template", "auto"))
+        for i in self.intensities:
+            look_up_option(i, ("minmax", "occipital", "zscore"))
+        if self.seeds < 1 or self.teachers < 1:
+            raise ValueError(f"seeds and teachers must be >= 1, got {self.seeds} and {self.teachers}.")
+        if any(not 0.0 < f < 1.0 for f in self.fractions):
+            raise ValueError(f"low-data fractions must be in (0, 1), got {list(self.fractions)}.")
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    "demo": {
+        "projections": (DEFAULT_PROJECTION,),
+        "seeds": 2,
+        "teachers": 1,
+        "teacher_epochs": 6,
+        "student_epochs": 10,
+        "n_subjects": {"benchmark": 200},
+    },
+    "cpu": {
+        "projections": ("single_slice", "early_fusion_slices", "joint_fusion_slices", "dynamic_image", "entropy"),
+        "seeds": 5,
+        "teachers": 3,
+        "variants": ("fg", "lg", "fg+lg", "fg+lg+decor", "hinton"),
+        "fractions": (0.1, 0.25, 0.5),
+        "teacher_fraction": "matched",
+        "centres": ("auto",),
+        "intensities": ("occipital",),
+        "teacher_epochs": 8,
+        "student_epochs": 15,
+    },
+    "full": {
+        "projections": PROJECTIONS,
+        "seeds": 5,
+        "teachers": 5,
+        "variants": tuple(VARIANTS),
+        "fractions": (0.1, 0.25, 0.5),
+        "teacher_fraction": "both",
+        "centres": ("auto",),
+        "intensities": ("occipital",),
+        "teacher_epochs": 100,
+        "student_epochs": 100,
+        "settings": {"patience": 20},
+    },
+}
+"""Named matrices: ``demo`` (``make demo``: teacher + KD / no-KD student of the default projection, ~10 min on 2
+CPU cores), ``cpu`` (``make study``: the matrix of ``docs/results.md``, sized for a 2-core CPU), ``full`` (every
+projection and variant, both low-data teachers, long schedules: GPU)."""
+
+
+def preset(name: str, **changes) -> MatrixSpec:
+    """The :class:`MatrixSpec` of preset ``name`` with ``changes`` (``None`` values are ignored) applied."""
+    base = dict(look_up_option(name, PRESETS))
+    base.update({k: v for k, v in changes.items() if v is not None})
+    for key in ("projections", "variants", "fractions", "centres", "intensities"):
+        base[key] = tuple(base.get(key, ()))
+    base["settings"] = dict(base.get("settings", {}))
+    return MatrixSpec(**base).check()
+
+
+def _unique(cells: Iterable[Cell]) -> list[Cell]:
+    seen: set[Cell] = set()
+    out = []
+    for c in cells:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def build_cells(spec: MatrixSpec) -> list[Cell]:
+    """Every cell of ``spec``, in run order: baselines, teachers, then students seed by seed (so that an
+    interrupted study holds complete KD / no-KD pairs), the ablation, the low-data sweep, the centre and the
+    intensity comparisons; teachers always come before the students they teach."""
+    seeds, teachers = range(spec.seeds), range(spec.teachers)
+    p0 = DEFAULT_PROJECTION if DEFAULT_PROJECTION in spec.projections or not spec.projections else spec.projections[0]
+
+    def student(projection, seed, kd, variant=DEFAULT_VARIANT, fraction=1.0, tf=1.0, centre="template", inten="minmax"):
+        if kd:
+            return Cell("student", seed, projection, True, variant, fraction, tf, centre, inten)
+        return Cell("student", seed, projection, False, NO_KD, fraction, None, centre, inten)
+
+    cells = [Cell("baseline", baseline=b) for b in BASELINES]
+    cells += [Cell("teacher", seed=t) for t in teachers]
+    for s in seeds:
+        for p in spec.projections:
+            cells += [student(p, s, True), student(p, s, False)]
+    for s in seeds:
+        cells += [student(p0, s, True, variant=v) for v in spec.variants]
+    teacher_fractions = {"matched": ("matched",), "full": ("full",), "both": ("matched", "full")}[spec.teacher_fraction]
+    for f in spec.fractions:
+        if "matched" in teacher_fractions:
+            cells += [Cell("teacher", seed=t, fraction=f) for t in teachers]
+        for s in seeds:
+            for which in teacher_fractions:
+                cells.append(student(p0, s, True, fraction=f, tf=f if which == "matched" else 1.0))
+            cells.append(student(p0, s, False, fraction=f))
+    for c in spec.centres if slice_based(p0) else ():
+        for s in seeds:
+            cells += [student(p0, s, True, centre=c), student(p0, s, False, centre=c)]
+    for i in spec.intensities:
+        cells += [Cell("teacher", seed=t, intensity=i) for t in teachers]
+        for s in seeds:
+            cells += [student(p0, s, True, inten=i), student(p0, s, False, inten=i)]
+    return _unique(cells)
+
+
+def count_cells(cells: Sequence[Cell]) -> dict[str, int]:
+    """Cells per kind, e.g. ``{"teacher": 12, "student": 95, "baseline": 3}``."""
+    out = dict.fromkeys(KINDS, 0)
+    for c in cells:
+        out[c.kind] += 1
+    return out

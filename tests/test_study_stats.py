@@ -1,0 +1,80 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""The study's statistics and operating points on hand-made numbers."""
+
+import numpy as np
+import pytest
+from scripts.study.operating import prevalence_threshold, youden_threshold
+from scripts.study.stats import bootstrap_ci, min_p_value, paired_comparison, sign_flip_test, summarise
+
+
+def test_summary_is_mean_and_sample_std_and_drops_undefined_values():
+    s = summarise([0.8, 0.9, 1.0, None])
+    assert s.mean == pytest.approx(0.9) and s.std == pytest.approx(0.1) and s.n == 3
+    assert s.format() == "0.900 ± 0.100"
+    assert summarise([0.7]).format() == "0.700" and summarise([None]) is None
+
+
+def test_sign_flip_test_is_exact_over_all_sign_patterns():
+    # five positive differences: only the all-plus and all-minus patterns reach |mean| = 1, p = 2 / 32
+    assert sign_flip_test([1, 1, 1, 1, 1]) == pytest.approx(2 / 32)
+    assert min_p_value(5) == pytest.approx(0.0625)
+    # (2, 1, -1): |±2 ±1 ±1| >= 2 for 6 of the 8 patterns
+    assert sign_flip_test([2, 1, -1]) == pytest.approx(6 / 8)
+    assert sign_flip_test([0, 0, 0]) == pytest.approx(1.0)
+    # beyond max_exact a seeded Monte Carlo estimate close to the exact value
+    d = [1.0, 0.5, 0.8, -0.2, 0.3, 0.9]
+    assert sign_flip_test(d, max_exact=3) == pytest.approx(sign_flip_test(d), abs=0.01)
+
+
+def test_bootstrap_ci_is_reproducible_and_brackets_the_mean():
+    d = [0.05, 0.02, 0.04, -0.01, 0.03]
+    low, high = bootstrap_ci(d, seed=0)
+    assert (low, high) == bootstrap_ci(d, seed=0)
+    assert low < np.mean(d) < high and min(d) <= low and high <= max(d)
+    assert bootstrap_ci([0.1]) == (0.1, 0.1)
+    assert bootstrap_ci([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2))
+
+
+def test_paired_comparison_pairs_by_seed_and_gives_a_verdict():
+    kd = {0: 0.90, 1: 0.92, 2: 0.95, 3: 0.91, 4: 0.93}
+    nokd = {0: 0.85, 1: 0.86, 2: 0.90, 3: 0.88, 4: 0.87}
+    c = paired_comparison(kd, nokd)
+    assert c.pairs == tuple((s, s) for s in range(5))
+    assert c.diffs == pytest.approx((0.05, 0.06, 0.05, 0.03, 0.06))
+    assert c.mean == pytest.approx(0.05) and c.p_value == pytest.approx(0.0625)
+    assert c.verdict == "higher" and c.decided
+    # noise: the interval contains 0
+    c = paired_comparison({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.85, 1: 0.85, 2: 0.85})
+    assert c.within_noise and c.verdict == "within noise"
+    # two pairs never get a verdict, however clear
+    assert paired_comparison({0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.0}).verdict == "too few seeds"
+
+
+def test_student_teacher_pairing_uses_the_teacher_of_each_student():
+    students = {0: 0.8, 1: 0.7, 2: 0.9, 3: 0.6}
+    teachers = {0: 0.75, 1: 0.65}
+    c = paired_comparison(students, teachers, pair={s: s % 2 for s in students})
+    assert c.pairs == ((0, 0), (1, 1), (2, 0), (3, 1))
+    assert c.diffs == pytest.approx((0.05, 0.05, 0.15, -0.05))
+    assert paired_comparison({0: None}, {0: 0.5}) is None  # undefined values are left out
+
+
+def test_youden_threshold_on_validation_scores():
+    # separated: the midpoint between the highest HC and the lowest PD score
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9]) == pytest.approx(0.45)
+    # overlapping: J = 2/3 + 1 - 1 at t in (0.5, 0.6] beats J = 1 + 1/2 - 1 at t in (0.3, 0.4]
+    t = youden_threshold([0, 0, 1, 1, 1], [0.3, 0.5, 0.4, 0.6, 0.9])
+    assert t == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="both classes"):
+        youden_threshold([1, 1], [0.2, 0.3])
+
+
+def test_prevalence_threshold_calls_the_assumed_share_pd_without_labels():
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    t = prevalence_threshold(scores, 0.8)
+    assert sum(s >= t for s in scores) == 8 and t == pytest.approx(0.25)
+    assert all(s >= prevalence_threshold(scores, 1.0) for s in scores)
+    assert not any(s >= prevalence_threshold(scores, 0.0) for s in scores)
+    with pytest.raises(ValueError, match="prevalence"):
+        prevalence_threshold(scores, 1.5)
