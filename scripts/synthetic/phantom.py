@@ -18,7 +18,9 @@ with ``e`` the extracerebral uptake, ``frac_s`` the anti-aliased membership of s
 body side) the posterior putamen loses a fraction ``L_post``; the loss falls linearly to
 ``L_ant = L_post * r_ant`` at the anterior end, the caudate loses ``L_post * r_caud`` and all losses on the
 other hemisphere are multiplied by ``f_ipsi``: ``BP = BP_0 * (1 - loss(t))``. A fraction of PD subjects is
-"mild" (``L_post ~ U(0.2, 0.5)``), which is what sets the overlap with healthy controls.
+"mild" (``L_post ~ U(0.2, 0.5)``), which is what sets the overlap with healthy controls. Optionally a further
+fraction is "early unilateral": the severe ``L_post`` on the most affected side but a small ``f_ipsi``
+(``unilateral_fraction``, ``unilateral_ipsilateral_range``; 0 by default).
 
 Nuisance variables (age, sex, pose, PSF, counts, intensity, striatal size) are drawn from each subject's own
 random stream, independently of the label. Biological latents are shared between modalities: the same seed
@@ -28,6 +30,13 @@ The defaults of :class:`PhantomConfig` are calibrated so that template-ROI SBRs 
 statistics (HC caudate ~2.9, putamen ~2.1, PD putamen ~0.9, putamen asymmetry ~8 % HC / ~30 % PD, a
 lowest-putamen threshold at ~0.955 accuracy); ``docs/calibration.md`` lists the measured values and the command
 that reproduces them.
+
+**Presets** (:mod:`scripts.synthetic.presets`, ``--preset NAME``) are named sets of overrides and data-set design
+defaults: ``default`` (the calibrated defaults above), ``benchmark`` (a harder, non-saturating SPECT set: more mild
+and early-unilateral PD, a multi-site PSF/count mix; lowest-putamen threshold ~0.92), and two external test sets
+made with other subjects, ``av133_external`` and ``spect_other_site``. :func:`make_study_data` (``--study-data
+DIR``) builds the benchmark and both external sets in one call; :func:`calibrate_population` (``--calibrate``)
+renders a population in memory and prints its SBR calibration summary.
 
 Outputs follow the bundle's datalist convention; run ``python -m scripts.synthetic --help``.
 """
@@ -982,7 +991,8 @@ def make_study_data(
         ``{"benchmark": root/benchmark/datalist.json, "av133": ..., "spect_other_site": ...}``.
 
     Raises:
-        ValueError: when an existing datalist was made with another preset, seed or number of subjects.
+        ValueError: when an existing datalist was made with another preset, seed, number of subjects or generator
+            parameters (e.g. by an older version of the preset).
     """
     root = pathlib.Path(root)
     sizes = _study_sizes(n_subjects)
@@ -997,6 +1007,14 @@ def make_study_data(
                     f"{path} was made with preset={made[0]!r}, seed={made[1]}, n_subjects={made[2]}, not "
                     f"preset={preset!r}, seed={set_seed}, n_subjects={sizes[name]}: remove {path.parent} or use "
                     "another study folder."
+                )
+            # JSON round trip: tuples are stored as lists.
+            expected = json.loads(json.dumps(dataclasses.asdict(preset_config(preset))))
+            changed = sorted(k for k, v in expected.items() if meta.get("parameters", {}).get(k) != v)
+            if changed:
+                raise ValueError(
+                    f"{path} was made with other {preset!r} generator parameters than the current preset "
+                    f"(changed: {changed}): remove {path.parent} to generate it again."
                 )
         else:
             generate_dataset(root / name, sizes[name], seed=set_seed, preset=preset, workers=workers)

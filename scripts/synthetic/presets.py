@@ -16,7 +16,7 @@ Presets:
 
 * ``default``: the calibrated parameters of ``docs/calibration.md`` (80 % PD, 7 % mild PD, FWHM 10-14 mm). The
   lowest-putamen SBR threshold reaches ~0.96 accuracy, and the CNNs saturate on its small test split.
-* ``benchmark``: a harder, non-saturating SPECT set: 15 % mild PD (posterior loss 15-50 %), 20 % early
+* ``benchmark``: a harder, non-saturating SPECT set: 13 % mild PD (posterior loss 15-50 %), 20 % early
   unilateral PD (strong loss on the most affected side, a quarter to a half of it on the other side), a multi-site
   acquisition mix (FWHM 9-18 mm, 12-60 counts per voxel) and a slightly larger residual pose. The lowest-putamen
   threshold sits at ~0.92 accuracy. 600 subjects at 70 % PD, split 60/20/20 by subject: a 120-scan test split
@@ -88,7 +88,7 @@ class Preset:
 #: posterior loss of 20-50 % and no unilateral subtype.
 BENCHMARK_POPULATION: Mapping[str, object] = _frozen(
     {
-        "mild_fraction": 0.15,
+        "mild_fraction": 0.13,
         "mild_loss_range": (0.15, 0.5),
         "unilateral_fraction": 0.2,
         "unilateral_ipsilateral_range": (0.25, 0.55),
@@ -123,7 +123,7 @@ PRESETS: Mapping[str, Preset] = _frozen(
             ),
             Preset(
                 name="benchmark",
-                description="non-saturating SPECT benchmark: 15 % mild + 20 % unilateral PD, FWHM 9-18 mm, 70 % PD",
+                description="non-saturating SPECT benchmark: 13 % mild + 20 % unilateral PD, FWHM 9-18 mm, 70 % PD",
                 overrides=BENCHMARK_POPULATION,
                 modality_overrides={"spect": BENCHMARK_SPECT_SITES},
                 pd_fraction=0.7,
