@@ -44,6 +44,7 @@ __all__ = [
     "SBRThresholdClassifier",
     "datalist_sbr",
     "evaluate_sbr_baseline",
+    "summarize_features",
     "summarize_sbr",
     "main",
 ]
@@ -219,23 +220,41 @@ def datalist_sbr(datalist_file: str | os.PathLike, split: str) -> tuple[list[dic
 
 
 def evaluate_sbr_baseline(
-    datalist_file: str | os.PathLike, fit_split: str = "training", eval_split: str = "test"
+    datalist_file: str | os.PathLike,
+    fit_split: str = "training",
+    eval_split: str = "test",
+    fit_datalist: str | os.PathLike | None = None,
 ) -> dict:
     """Fit the lowest-putamen threshold on ``fit_split`` and evaluate it on ``eval_split``.
 
+    Args:
+        datalist_file: the datalist whose ``eval_split`` is evaluated.
+        fit_split: the list the threshold is fitted on.
+        eval_split: the list it is evaluated on.
+        fit_datalist: the datalist holding ``fit_split``; default ``datalist_file``. Use it to score an external
+            test set (e.g. one whose scans are all in ``test``) with the threshold of another set's training split.
+
     Returns:
-        ``{"method", "threshold", "fit_split", "eval_split", "metrics"}`` where ``metrics`` is
+        ``{"method", "threshold", "fit_datalist", "fit_split", "eval_split", "metrics"}`` where ``metrics`` is
         :func:`scripts.metrics.classification_report` on ``eval_split`` (``roc_auc`` is threshold-free).
     """
-    fit_entries, fit_feats = datalist_sbr(datalist_file, fit_split)
+    fit_file = datalist_file if fit_datalist is None else fit_datalist
+    same = fit_datalist is None or pathlib.Path(fit_datalist).resolve() == pathlib.Path(datalist_file).resolve()
+    fit_entries, fit_feats = datalist_sbr(fit_file, fit_split)
+    if not fit_entries:
+        raise ValueError(
+            f"the {fit_split!r} list of {fit_file} is empty, so no threshold can be fitted on it; fit on another "
+            "data set's training split with fit_datalist (CLI: --fit-datalist)."
+        )
     eval_entries, eval_feats = (
-        (fit_entries, fit_feats) if eval_split == fit_split else datalist_sbr(datalist_file, eval_split)
+        (fit_entries, fit_feats) if same and eval_split == fit_split else datalist_sbr(datalist_file, eval_split)
     )
     clf = SBRThresholdClassifier().fit([f["lowest_putamen"] for f in fit_feats], [e["label"] for e in fit_entries])
     metrics = clf.report([f["lowest_putamen"] for f in eval_feats], [e["label"] for e in eval_entries])
     return {
         "method": "lowest putamen SBR threshold (Youden's J)",
         "threshold": clf.threshold,
+        "fit_datalist": str(fit_file),
         "fit_split": fit_split,
         "eval_split": eval_split,
         "metrics": metrics,
@@ -284,23 +303,22 @@ def _logistic_cv_auc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0
     return float(_classification_report(y, scores)["roc_auc"])
 
 
-def summarize_sbr(datalist_file: str | os.PathLike, splits: Sequence[str] | None = None) -> dict:
-    """Calibration summary of a phantom datalist: SBR statistics per class and the pooled threshold baseline.
+def summarize_features(entries: Sequence[dict], feats: Sequence[dict[str, float]]) -> dict:
+    """Calibration summary of scans given as datalist ``entries`` (with ``label`` and the phantom's nuisance
+    fields) and their :func:`compute_sbr` features, in the same order.
 
     Returns:
-        ``{"n", "groups": {"HC"|"PD": {feature: [mean, sd]}}, "threshold_in_sample": {...}, "nuisance_cv_auc"}``
-        where ``threshold_in_sample`` fits and evaluates the lowest-putamen threshold on all pooled scans and
-        ``nuisance_cv_auc`` is the 5-fold cross-validated AUC of a logistic regression predicting the label from
-        the recorded nuisance variables only (age, sex, FWHM, counts, intensity, size, pose); ~0.5 when they
-        carry no label information.
+        ``{"n", "n_pd", "n_hc", "groups": {"HC"|"PD": {feature: [mean, sd]}}, "threshold_in_sample": {...},
+        "nuisance_cv_auc"}`` where ``threshold_in_sample`` fits and evaluates the lowest-putamen threshold on all
+        scans and ``nuisance_cv_auc`` is the 5-fold cross-validated AUC of a logistic regression predicting the
+        label from the recorded nuisance variables only (age, sex, FWHM, counts, intensity, size, pose); ~0.5 when
+        they carry no label information. ``groups`` also holds the mean caudate and putamen SBR of both sides, and
+        ``pd_reduction`` the relative PD reduction ``1 - mean(PD) / mean(HC)`` of four of them.
     """
-    data = json.loads(pathlib.Path(datalist_file).read_text())
-    names = list(splits) if splits else [k for k in ("training", "validation", "test") if k in data]
-    entries, feats = [], []
-    for name in names:
-        e, f = datalist_sbr(datalist_file, name)
-        entries += e
-        feats += f
+    if len(entries) != len(feats):
+        raise ValueError(f"entries and feats must have the same length, got {len(entries)} and {len(feats)}.")
+    if not entries:
+        raise ValueError("no scans to summarise.")
     y = np.asarray([e["label"] for e in entries], dtype=np.int64)
     table = {f: np.asarray([d[f] for d in feats]) for f in SBR_FEATURES}
     table["caudate"] = (table["caudate_L"] + table["caudate_R"]) / 2.0
@@ -313,13 +331,32 @@ def summarize_sbr(datalist_file: str | os.PathLike, splits: Sequence[str] | None
                 k: [round(float(v[sel].mean()), 4), round(float(v[sel].std(ddof=1)) if sel.sum() > 1 else 0.0, 4)]
                 for k, v in table.items()
             }
-    out: dict = {"n": int(y.size), "n_pd": int(y.sum()), "n_hc": int((1 - y).sum()), "splits": names, "groups": groups}
+    out: dict = {"n": int(y.size), "n_pd": int(y.sum()), "n_hc": int((1 - y).sum()), "groups": groups}
+    if len(groups) == 2:
+        # Relative PD reduction of the group means, 1 - mean(PD) / mean(HC) (Marek 2018: striatum ~45 %).
+        out["pd_reduction"] = {
+            k: round(1.0 - groups["PD"][k][0] / groups["HC"][k][0], 4)
+            for k in ("lowest_putamen", "putamen", "caudate", "mean_striatum")
+        }
     if 0 < y.sum() < y.size:
         clf = SBRThresholdClassifier().fit(table["lowest_putamen"], y)
         out["threshold_in_sample"] = {"threshold": clf.threshold, "metrics": clf.report(table["lowest_putamen"], y)}
         if all("fwhm_mm" in e for e in entries):
             out["nuisance_cv_auc"] = _logistic_cv_auc(_nuisance_matrix(entries), y)
     return out
+
+
+def summarize_sbr(datalist_file: str | os.PathLike, splits: Sequence[str] | None = None) -> dict:
+    """Calibration summary of a phantom datalist: :func:`summarize_features` of the pooled ``splits`` (default:
+    every one of training, validation and test that the file has), plus ``"splits"``."""
+    data = json.loads(pathlib.Path(datalist_file).read_text())
+    names = list(splits) if splits else [k for k in ("training", "validation", "test") if k in data]
+    entries, feats = [], []
+    for name in names:
+        e, f = datalist_sbr(datalist_file, name)
+        entries += e
+        feats += f
+    return {"splits": names, **summarize_features(entries, feats)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,6 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--datalist", required=True, help="datalist.json with training/validation/test lists")
     parser.add_argument("--fit-split", default="training")
+    parser.add_argument(
+        "--fit-datalist",
+        default=None,
+        help="fit the threshold on --fit-split of this datalist instead (e.g. a benchmark set's training split, to "
+        "score an external test set)",
+    )
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--summary", action="store_true", help="print per-class SBR statistics of all splits instead")
     parser.add_argument("--out", default=None, help="also write the result as JSON to this file")
@@ -337,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.summary:
             result = summarize_sbr(args.datalist)
         else:
-            result = evaluate_sbr_baseline(args.datalist, args.fit_split, args.eval_split)
+            result = evaluate_sbr_baseline(args.datalist, args.fit_split, args.eval_split, args.fit_datalist)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -62,8 +62,17 @@ def _render_sbr(subject: phantom.PhantomSubject) -> dict[str, float]:
     return compute_sbr(phantom.render_volume(subject), MNI_2MM_AFFINE)
 
 
-def _population_sbr(n_subjects: int, seed: int, modality: str, pd_fraction: float, workers: int = 2):
-    subjects = phantom.sample_population(n_subjects, seed=seed, modality=modality, pd_fraction=pd_fraction)
+def _population_sbr(
+    n_subjects: int,
+    seed: int,
+    modality: str | None,
+    pd_fraction: float | None,
+    workers: int = 2,
+    preset: str = "default",
+):
+    subjects = phantom.sample_population(
+        n_subjects, seed=seed, modality=modality, pd_fraction=pd_fraction, preset=preset
+    )
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         feats = pool.map(_render_sbr, subjects, chunksize=8)
     labels = np.array([s.label for s in subjects])
@@ -86,6 +95,10 @@ def _calibration_stats(labels: np.ndarray, t: dict[str, np.ndarray]) -> dict[str
         "hc_ai": ai[hc].mean(),
         "pd_ai": ai[pd].mean(),
         "hc_cp": (caud / put)[hc].mean(),
+        "hc_caudate_sd": caud[hc].std(ddof=1),
+        "hc_putamen_sd": put[hc].std(ddof=1),
+        "pd_putamen_sd": put[pd].std(ddof=1),
+        "striatum_reduction": 1 - t["mean_striatum"][pd].mean() / t["mean_striatum"][hc].mean(),
         "accuracy": float((clf.predict(lowest) == labels).mean()),
         "auc": _auc(labels, -lowest),
     }
@@ -365,3 +378,242 @@ def test_calibration_large_population_is_tight():
     assert 0.55 <= s["lowest_reduction"] <= 0.70, s
     assert s["hc_ai"] < 10 and 20 <= s["pd_ai"] <= 35, s
     assert 0.935 <= s["accuracy"] <= 0.975 and 0.975 <= s["auc"] <= 0.995, s
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+
+def test_presets_are_selectable_by_name_and_unknown_names_are_rejected(tmp_path):
+    assert {"default", "benchmark", "av133_external", "spect_other_site"} <= set(phantom.PRESETS)
+    for modality in phantom.MODALITIES:
+        # The default preset is exactly the calibrated defaults, and every preset is valid for every modality.
+        assert phantom.preset_config("default", modality) == phantom.default_config(modality)
+        for name in phantom.PRESETS:
+            assert phantom.preset_config(name, modality).modality == modality
+    bench = phantom.preset_config("benchmark")
+    assert bench.modality == "spect" and bench.fwhm_range_mm == (9.0, 18.0) and bench.counts_range == (12.0, 60.0)
+    assert bench.mild_fraction > phantom.default_config().mild_fraction and bench.unilateral_fraction > 0
+    # The benchmark population applies to AV133 too, but not its SPECT acquisition; user overrides come last.
+    bench_pet = phantom.preset_config("benchmark", "av133", counts_range=(70, 80))
+    assert bench_pet.mild_fraction == bench.mild_fraction and bench_pet.unilateral_fraction == bench.unilateral_fraction
+    assert bench_pet.fwhm_range_mm == phantom.default_config("av133").fwhm_range_mm
+    assert bench_pet.counts_range == (70, 80) and bench_pet.caudate_bp == phantom.default_config("av133").caudate_bp
+    assert phantom.preset_config("av133_external").modality == "av133"
+    assert phantom.preset_config("spect_other_site").fwhm_range_mm[0] > bench.fwhm_range_mm[0]
+    # Design defaults come from the preset unless given.
+    subjects = phantom.sample_population(100, seed=1, preset="benchmark")
+    assert sum(s.label for s in subjects) == 70 and subjects[0].config == bench
+    assert sum(s.label for s in phantom.sample_population(100, seed=1, preset="benchmark", pd_fraction=0.5)) == 50
+    with pytest.raises(
+        ValueError, match=r"Unsupported preset 'bench'.*'default', 'benchmark'.*Did you mean 'benchmark'"
+    ):
+        phantom.preset_config("bench")
+    with pytest.raises(ValueError, match="available presets are"):
+        phantom.generate_dataset(tmp_path, 20, preset="PPMI")
+    with pytest.raises(ValueError, match="available presets are"):
+        phantom.sample_population(10, preset="")
+    with pytest.raises(ValueError, match="unknown phantom parameter"):
+        phantom.preset_config("benchmark", not_a_parameter=1)
+    with pytest.raises(SystemExit):
+        phantom.main(["--out", str(tmp_path), "--preset", "nope"])
+    with pytest.raises(SystemExit):  # --study-data builds fixed presets: a design option is an error, not ignored
+        phantom.main(["--study-data", str(tmp_path), "--pd-fraction", "0.5"])
+    assert not any((tmp_path / "images").glob("*.nii.gz"))
+
+
+def test_unilateral_subtype_reuses_the_latent_stream():
+    cfg = phantom.preset_config("benchmark")
+    # The subtype comes from the mild-PD uniform: the same stream gives the same subject under every preset, except
+    # for the mapping of the uniforms onto each preset's ranges.
+    pairs = [
+        (
+            phantom.sample_subject(np.random.default_rng(i), 1, "spect"),
+            phantom.sample_subject(np.random.default_rng(i), 1, cfg),
+        )
+        for i in range(400)
+    ]
+    assert all(a.latents.age == b.latents.age and a.latents.affected_side == b.latents.affected_side for a, b in pairs)
+    assert all(a.latents.is_mild <= b.latents.is_mild for a, b in pairs)  # 7 % mild is a subset of 13 % mild
+    assert not any(a.latents.is_unilateral for a, _ in pairs)
+    uni = [b for _, b in pairs if b.latents.is_unilateral]
+    assert all(not b.latents.is_mild for b in uni)
+    low, high = cfg.unilateral_ipsilateral_range
+    assert all(low <= b.latents.ipsilateral_factor <= high for b in uni)
+    assert all(
+        cfg.ipsilateral_range[0] <= b.latents.ipsilateral_factor <= cfg.ipsilateral_range[1]
+        for _, b in pairs
+        if not b.latents.is_unilateral
+    )
+    # Early unilateral PD: strong loss on the affected side, at most about half of it on the other side.
+    for b in uni[:20]:
+        healthy = dataclasses.replace(b, latents=dataclasses.replace(b.latents, label=0))
+        tb, tb_hc = phantom.true_binding(b), phantom.true_binding(healthy)
+        aff = b.latents.affected_side
+        other = "R" if aff == "L" else "L"
+        loss_aff = 1 - tb[f"putamen_post_{aff}"] / tb_hc[f"putamen_post_{aff}"]
+        loss_other = 1 - tb[f"putamen_post_{other}"] / tb_hc[f"putamen_post_{other}"]
+        assert loss_aff > 0.4 and loss_other / loss_aff == pytest.approx(b.latents.ipsilateral_factor)
+    # Subtype shares in a large population (no rendering): 13 % mild and 20 % unilateral, +-3 standard errors.
+    subjects = phantom.sample_population(4000, seed=5, preset="benchmark", pd_fraction=1.0)
+    mild = np.mean([s.latents.is_mild for s in subjects])
+    unilateral = np.mean([s.latents.is_unilateral for s in subjects])
+    assert abs(mild - cfg.mild_fraction) < 0.017 and abs(unilateral - cfg.unilateral_fraction) < 0.019
+
+
+_STUDY_SIZES = {"benchmark": 16, "av133": 4, "spect_other_site": 4}
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    return root, phantom.make_study_data(root, seed=4, workers=2, n_subjects=_STUDY_SIZES)
+
+
+def test_study_data_sets_are_presets_with_other_subjects_and_an_all_test_split(study_data):
+    from scripts.data import load_datalist
+
+    root, paths = study_data
+    assert set(paths) == {"benchmark", "av133", "spect_other_site"}
+    data = {name: json.loads(path.read_text()) for name, path in paths.items()}
+    meta = {name: d["metadata"] for name, d in data.items()}
+    assert paths["benchmark"] == root / "benchmark" / "datalist.json" and meta["benchmark"]["seed"] == 4
+    assert [meta[n]["preset"] for n in paths] == ["benchmark", "av133_external", "spect_other_site"]
+    assert meta["av133"]["modality"] == "av133" and meta["spect_other_site"]["modality"] == "spect"
+    assert len({m["seed"] for m in meta.values()}) == 3
+    for name in ("av133", "spect_other_site"):
+        # Every scan in test, balanced; the training/validation lists are empty but valid.
+        assert data[name]["training"] == [] and data[name]["validation"] == []
+        assert load_datalist(paths[name], "training") == [] and load_datalist(paths[name], "validation") == []
+        test = load_datalist(paths[name], "test")
+        assert len(test) == _STUDY_SIZES[name] and sum(e["label"] for e in test) == _STUDY_SIZES[name] // 2
+        assert meta[name]["counts"]["test"]["n_hc_subjects"] == _STUDY_SIZES[name] // 2
+    assert all(16 <= e["fwhm_mm"] <= 20 for e in data["spect_other_site"]["test"])
+    assert all(4 <= e["fwhm_mm"] <= 6 for e in data["av133"]["test"])
+    bench = [e for split in phantom.SPLIT_NAMES for e in data["benchmark"][split]]
+    assert len(bench) == 16 and all(9 <= e["fwhm_mm"] <= 18 for e in bench)
+    # Other subjects: ages are the first latent draw, so shared subjects would share their ages.
+    ages = {name: {e["age"] for split in phantom.SPLIT_NAMES for e in d[split]} for name, d in data.items()}
+    assert not ages["benchmark"] & ages["av133"] and not ages["benchmark"] & ages["spect_other_site"]
+    assert not ages["av133"] & ages["spect_other_site"]
+    # Positive control: the benchmark's own seed would give its subjects again under the external presets.
+    same_seed = phantom.sample_population(16, seed=4, preset="av133_external", pd_fraction=0.7)
+    assert {round(s.latents.age, 3) for s in same_seed} == ages["benchmark"]
+
+
+def test_study_data_is_made_once_and_is_deterministic(study_data, tmp_path, monkeypatch):
+    root, paths = study_data
+    stamps = {name: path.stat().st_mtime_ns for name, path in paths.items()}
+
+    def _no_generation(*args, **kwargs):
+        raise AssertionError("generate_dataset must not run for a set that exists")
+
+    monkeypatch.setattr(phantom, "generate_dataset", _no_generation)
+    assert phantom.make_study_data(root, seed=4, n_subjects=_STUDY_SIZES) == paths
+    assert {name: path.stat().st_mtime_ns for name, path in paths.items()} == stamps
+    with pytest.raises(ValueError, match="was made with preset='benchmark', seed=4"):
+        phantom.make_study_data(root, seed=5, n_subjects=_STUDY_SIZES)
+    with pytest.raises(ValueError, match="unknown study set"):
+        phantom.make_study_data(root, seed=4, n_subjects={"pet": 4})
+    # A set made by an older version of its preset is not silently reused.
+    stale_root = tmp_path / "stale"
+    for name, path in paths.items():
+        data = json.loads(path.read_text())
+        if name == "av133":
+            data["metadata"]["parameters"]["mild_fraction"] = 0.07
+        (stale_root / name).mkdir(parents=True)
+        (stale_root / name / "datalist.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"other 'av133_external' generator parameters .*\['mild_fraction'\]"):
+        phantom.make_study_data(stale_root, seed=4, n_subjects=_STUDY_SIZES)
+    monkeypatch.undo()
+    # Determinism for a seed: the same preset, seed and size give byte-identical files.
+    meta = json.loads(paths["spect_other_site"].read_text())["metadata"]
+    again = phantom.generate_dataset(tmp_path, 4, seed=meta["seed"], preset="spect_other_site")
+    first = json.loads(paths["spect_other_site"].read_text())["test"]
+    assert [e["image"] for e in json.loads(again.read_text())["test"]] == [e["image"] for e in first]
+    for e in first:
+        assert (tmp_path / e["image"]).read_bytes() == (paths["spect_other_site"].parent / e["image"]).read_bytes()
+
+
+def test_in_memory_calibration_matches_the_written_files(study_data, capsys):
+    from scripts.sbr import evaluate_sbr_baseline, summarize_sbr
+
+    _, paths = study_data
+    summary = phantom.calibrate_population("benchmark", 16, seed=4, workers=1)
+    assert summary["preset"] == "benchmark" and summary["n"] == 16 and summary["n_pd"] == 11
+    files = summarize_sbr(paths["benchmark"])
+    for cls in ("HC", "PD"):
+        for key in ("lowest_putamen", "caudate", "putamen_ai"):
+            assert summary["groups"][cls][key][0] == pytest.approx(files["groups"][cls][key][0], abs=2e-3), key
+    split = evaluate_sbr_baseline(paths["benchmark"])
+    assert summary["threshold_train_test"]["threshold"] == pytest.approx(split["threshold"], abs=1e-3)
+    assert summary["threshold_train_test"]["metrics"]["accuracy"] == pytest.approx(split["metrics"]["accuracy"])
+    assert 0.0 <= summary["nuisance_cv_auc"] <= 1.0
+    # The CLI prints the same summary as JSON.
+    argv = [
+        "--calibrate",
+        "--preset",
+        "spect_other_site",
+        "--n-subjects",
+        "4",
+        "--seed",
+        "2",
+        "--set",
+        "counts_range=[40,50]",
+    ]
+    assert phantom.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"] == "spect_other_site" and out["n"] == 4 and out["overrides"] == {"counts_range": [40, 50]}
+    assert "threshold_train_test" not in out  # all scans are in test: nothing to fit on
+
+
+def _subtype_ai(subjects, table) -> dict[str, float]:
+    ai = table["putamen_ai"]
+    kind = np.array(
+        [
+            "HC"
+            if s.label == 0
+            else "mild"
+            if s.latents.is_mild
+            else "unilateral"
+            if s.latents.is_unilateral
+            else "bilateral"
+            for s in subjects
+        ]
+    )
+    return {k: float(ai[kind == k].mean()) for k in ("HC", "mild", "unilateral", "bilateral")}
+
+
+def test_benchmark_calibration_is_harder_but_physiological():
+    """150 subjects (105 PD / 45 HC) of the benchmark preset; bands widened by ~2 standard errors.
+
+    Standard errors at this size: HC means ~0.09 (caudate) / ~0.06 (putamen), PD putamen ~0.035, AI ~1 (HC) /
+    ~2.7 (PD) points, threshold accuracy ~0.022, AUC ~0.012. The target (docs/calibration.md) is a lowest-putamen
+    threshold accuracy of 0.90-0.94 in a large population, against ~0.96 for the default preset.
+    """
+    subjects, labels, table = _population_sbr(150, seed=2025, modality=None, pd_fraction=None, preset="benchmark")
+    assert labels.sum() == 105
+    s = _calibration_stats(labels, table)
+    assert 2.3 <= s["hc_caudate"] <= 3.3 and 1.65 <= s["hc_putamen"] <= 2.5, s
+    assert 0.55 <= s["pd_putamen"] <= 1.2 and 0.45 <= s["lowest_reduction"] <= 0.7, s
+    assert 0.3 <= s["striatum_reduction"] <= 0.55, s
+    assert s["hc_ai"] < 12 and 20 <= s["pd_ai"] <= 45, s
+    assert 1.15 <= s["hc_cp"] <= 1.5, s
+    assert 0.855 <= s["accuracy"] <= 0.975 and 0.93 <= s["auc"] <= 0.99, s
+    # Early unilateral PD is strongly asymmetric, mild PD barely so.
+    ai = _subtype_ai(subjects, table)
+    assert ai["unilateral"] > 50 and ai["unilateral"] > ai["bilateral"] + 20 and ai["mild"] < ai["bilateral"], ai
+
+
+@pytest.mark.slow
+def test_benchmark_calibration_large_population_is_tight():
+    """1000 subjects (700 PD / 300 HC): the threshold accuracy's standard error is ~0.009."""
+    subjects, labels, table = _population_sbr(1000, seed=7, modality=None, pd_fraction=None, preset="benchmark")
+    s = _calibration_stats(labels, table)
+    assert 2.5 <= s["hc_caudate"] <= 3.2 and 1.8 <= s["hc_putamen"] <= 2.4, s
+    assert 0.6 <= s["pd_putamen"] <= 1.1 and 0.55 <= s["lowest_reduction"] <= 0.70, s
+    assert 0.35 <= s["striatum_reduction"] <= 0.55, s
+    assert s["hc_ai"] < 10 and 25 <= s["pd_ai"] <= 42, s
+    assert s["hc_caudate_sd"] < 0.75 and s["hc_putamen_sd"] < 0.5 and s["pd_putamen_sd"] < 0.45, s
+    assert 0.90 <= s["accuracy"] <= 0.94 and 0.95 <= s["auc"] <= 0.985, s
+    nuisance = np.array([_nuisance_features(subject) for subject in subjects])
+    assert abs(_logistic_auc(nuisance, labels) - 0.5) < 0.07  # held-out half: SE of the AUC ~0.027

@@ -150,3 +150,55 @@ def test_evaluate_sbr_baseline_on_a_datalist(tmp_path):
         sbr.evaluate_sbr_baseline(tmp_path / "datalist.json")
     with pytest.raises(InputError, match="no list named 'validation'"):
         sbr.evaluate_sbr_baseline(tmp_path / "datalist.json", eval_split="validation")
+
+
+def test_threshold_fitted_on_another_datalist_scores_an_external_test_set(tmp_path):
+    rois = template_rois(MNI_2MM_SHAPE, MNI_2MM_AFFINE)
+    base = np.ones(MNI_2MM_SHAPE, dtype=np.float32)
+    base[rois["caudate_L"] | rois["caudate_R"]] = 6.0
+    base[rois["putamen_L"] | rois["putamen_R"]] = 4.0  # healthy putamen SBR 3, so SBR = 3 f below
+
+    def write_set(folder, lists):
+        (folder / "images").mkdir(parents=True)
+        datalist = {}
+        for split, items in lists.items():
+            datalist[split] = []
+            for i, (fl, fr, label) in enumerate(items):
+                rel = f"images/{split}_{i}.nii.gz"
+                _write(folder / rel, _scaled_volume(base, rois, fl, fr), MNI_2MM_AFFINE)
+                datalist[split].append({"image": rel, "label": label})
+        (folder / "datalist.json").write_text(json.dumps(datalist))
+        return folder / "datalist.json"
+
+    # Fit set: lowest-putamen SBRs HC 3.0, 2.4 and PD 1.2, 0.6, so Youden's J = 1 between 1.2 and 2.4 (midpoint 1.8).
+    fit = write_set(tmp_path / "bench", {"training": [(1.0, 1.0, 0), (0.8, 0.9, 0), (0.4, 0.8, 1), (0.2, 0.5, 1)]})
+    # External set, all in test: lowest SBRs HC 2.1 (kept) and 1.5 (lost: below 1.8), PD 0.9.
+    ext = write_set(
+        tmp_path / "ext", {"training": [], "validation": [], "test": [(0.7, 0.8, 0), (0.5, 0.6, 0), (0.3, 0.3, 1)]}
+    )
+    result = sbr.evaluate_sbr_baseline(ext, fit_datalist=fit)
+    assert result["threshold"] == pytest.approx(1.8) and result["fit_datalist"] == str(fit)
+    assert result["metrics"]["confusion_matrix"] == [[1, 1], [0, 1]]
+    assert result["metrics"]["accuracy"] == pytest.approx(2 / 3)
+    # Without a fit datalist the empty training list is reported with the remedy.
+    with pytest.raises(ValueError, match="'training' list .* is empty.*--fit-datalist"):
+        sbr.evaluate_sbr_baseline(ext)
+    assert sbr.main(["--datalist", str(ext)]) == 2
+    out = tmp_path / "r.json"
+    assert sbr.main(["--datalist", str(ext), "--fit-datalist", str(fit), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(2 / 3)
+    # The summary pools the external set's only non-empty list.
+    summary = sbr.summarize_sbr(ext)
+    assert summary["n"] == 3 and summary["n_hc"] == 2 and summary["splits"] == ["training", "validation", "test"]
+    assert summary["groups"]["HC"]["lowest_putamen"][0] == pytest.approx((2.1 + 1.5) / 2, rel=1e-4)
+    assert summary["pd_reduction"]["lowest_putamen"] == pytest.approx(1 - 0.9 / 1.8, rel=1e-3)
+
+
+def test_summarize_features_checks_its_inputs():
+    feats = [dict.fromkeys(sbr.SBR_FEATURES, 1.0) for _ in range(2)]
+    with pytest.raises(ValueError, match="same length"):
+        sbr.summarize_features([{"label": 0}], feats)
+    with pytest.raises(ValueError, match="no scans"):
+        sbr.summarize_features([], [])
+    one_class = sbr.summarize_features([{"label": 1}, {"label": 1}], feats)
+    assert set(one_class["groups"]) == {"PD"} and "threshold_in_sample" not in one_class

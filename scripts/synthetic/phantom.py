@@ -18,7 +18,9 @@ with ``e`` the extracerebral uptake, ``frac_s`` the anti-aliased membership of s
 body side) the posterior putamen loses a fraction ``L_post``; the loss falls linearly to
 ``L_ant = L_post * r_ant`` at the anterior end, the caudate loses ``L_post * r_caud`` and all losses on the
 other hemisphere are multiplied by ``f_ipsi``: ``BP = BP_0 * (1 - loss(t))``. A fraction of PD subjects is
-"mild" (``L_post ~ U(0.2, 0.5)``), which is what sets the overlap with healthy controls.
+"mild" (``L_post ~ U(0.2, 0.5)``), which is what sets the overlap with healthy controls. Optionally a further
+fraction is "early unilateral": the severe ``L_post`` on the most affected side but a small ``f_ipsi``
+(``unilateral_fraction``, ``unilateral_ipsilateral_range``; 0 by default).
 
 Nuisance variables (age, sex, pose, PSF, counts, intensity, striatal size) are drawn from each subject's own
 random stream, independently of the label. Biological latents are shared between modalities: the same seed
@@ -28,6 +30,13 @@ The defaults of :class:`PhantomConfig` are calibrated so that template-ROI SBRs 
 statistics (HC caudate ~2.9, putamen ~2.1, PD putamen ~0.9, putamen asymmetry ~8 % HC / ~30 % PD, a
 lowest-putamen threshold at ~0.955 accuracy); ``docs/calibration.md`` lists the measured values and the command
 that reproduces them.
+
+**Presets** (:mod:`scripts.synthetic.presets`, ``--preset NAME``) are named sets of overrides and data-set design
+defaults: ``default`` (the calibrated defaults above), ``benchmark`` (a harder, non-saturating SPECT set: more mild
+and early-unilateral PD, a multi-site PSF/count mix; lowest-putamen threshold ~0.92), and two external test sets
+made with other subjects, ``av133_external`` and ``spect_other_site``. :func:`make_study_data` (``--study-data
+DIR``) builds the benchmark and both external sets in one call; :func:`calibrate_population` (``--calibrate``)
+renders a population in memory and prints its SBR calibration summary.
 
 Outputs follow the bundle's datalist convention; run ``python -m scripts.synthetic --help``.
 """
@@ -44,7 +53,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +68,7 @@ from scripts.anatomy import (
     striatal_structures,
     world_coordinates,
 )
+from scripts.synthetic.presets import PRESETS, STUDY_SETS, Preset, get_preset, study_seed
 
 __all__ = [
     "MODALITIES",
@@ -68,6 +78,8 @@ __all__ = [
     "Acquisition",
     "PhantomSubject",
     "default_config",
+    "PRESETS",
+    "preset_config",
     "sample_subject",
     "subject_rng",
     "render_volume",
@@ -75,6 +87,8 @@ __all__ = [
     "sample_population",
     "activity_map",
     "generate_dataset",
+    "make_study_data",
+    "calibrate_population",
     "gaussian_blur",
     "main",
 ]
@@ -115,6 +129,9 @@ class PhantomConfig:
     # PD model.
     mild_fraction: float = 0.07
     mild_loss_range: tuple[float, float] = (0.2, 0.5)
+    # Early unilateral PD: strong loss on the most affected side (the severe L_post) and little on the other side.
+    unilateral_fraction: float = 0.0
+    unilateral_ipsilateral_range: tuple[float, float] = (0.1, 0.4)
     severe_loss_beta: tuple[float, float] = (9.0, 1.6)
     severe_loss_clip: tuple[float, float] = (0.45, 0.99)
     anterior_ratio_range: tuple[float, float] = (0.55, 0.9)
@@ -153,9 +170,14 @@ class PhantomConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative standard deviation, got {getattr(self, name)}.")
-        for name in ("female_probability", "mild_fraction"):
+        for name in ("female_probability", "mild_fraction", "unilateral_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}.")
+        if self.mild_fraction + self.unilateral_fraction > 1.0 + 1e-12:
+            raise ValueError(
+                f"mild_fraction + unilateral_fraction must not exceed 1, got {self.mild_fraction} + "
+                f"{self.unilateral_fraction}."
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.endswith(("_range", "_range_mm", "_loss_clip")) and not (
@@ -234,6 +256,7 @@ class SubjectLatents:
     caudate_ratio: float
     ipsilateral_factor: float
     progression_per_year: float
+    is_unilateral: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,6 +330,9 @@ def _sample_latents(rng: np.random.Generator, label: int, config: PhantomConfig)
     mild_loss = _uniform(rng.random(), config.mild_loss_range)
     severe_loss = float(np.clip(rng.beta(*config.severe_loss_beta), *config.severe_loss_clip))
     is_mild = bool(u_mild < config.mild_fraction)
+    # The PD subtype comes from the same uniform: [0, mild) mild, [mild, mild + unilateral) early unilateral, else
+    # bilateral. No extra draw, so presets without unilateral PD reproduce the original random streams exactly.
+    is_unilateral = bool(not is_mild and u_mild < config.mild_fraction + config.unilateral_fraction)
     u = rng.random(4)
     return SubjectLatents(
         label=int(label),
@@ -322,8 +348,11 @@ def _sample_latents(rng: np.random.Generator, label: int, config: PhantomConfig)
         posterior_loss=mild_loss if is_mild else severe_loss,
         anterior_ratio=_uniform(u[0], config.anterior_ratio_range),
         caudate_ratio=_uniform(u[1], config.caudate_ratio_range),
-        ipsilateral_factor=_uniform(u[2], config.ipsilateral_range),
+        ipsilateral_factor=_uniform(
+            u[2], config.unilateral_ipsilateral_range if is_unilateral else config.ipsilateral_range
+        ),
         progression_per_year=_uniform(u[3], config.progression_per_year_range),
+        is_unilateral=is_unilateral,
     )
 
 
@@ -649,6 +678,47 @@ def _round_dict(d: dict[str, float], digits: int = 5) -> dict[str, float]:
     return {k: round(float(v), digits) for k, v in d.items()}
 
 
+def preset_config(preset: str | Preset = "default", modality: str | None = None, **overrides) -> PhantomConfig:
+    """Generator parameters of a named preset (see :mod:`scripts.synthetic.presets`) for ``modality``.
+
+    ``default_config(modality)`` with the preset's population overrides, then its overrides for ``modality``, then
+    ``overrides`` applied. ``preset_config("default", m)`` equals ``default_config(m)``.
+
+    Args:
+        preset: a name in :data:`PRESETS` (or a :class:`~scripts.synthetic.presets.Preset`).
+        modality: ``"spect"`` or ``"av133"``; ``None`` uses the preset's own modality.
+        overrides: :class:`PhantomConfig` fields applied last (e.g. ``fwhm_range_mm=(16, 20)``).
+
+    Raises:
+        ValueError: for an unknown preset (the message lists the valid ones), modality or parameter.
+    """
+    p = get_preset(preset)
+    modality = p.modality if modality is None else modality
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+    return default_config(modality, **{**p.config_overrides(modality), **overrides})
+
+
+def _resolve_design(
+    preset: str | Preset,
+    n_subjects: int | None,
+    modality: str | None,
+    pd_fraction: float | None,
+    max_visits: int | None,
+    split: Sequence[float] | None,
+) -> tuple[Preset, int, str, float, int, tuple[float, ...]]:
+    """Fill every design argument left ``None`` from the preset."""
+    p = get_preset(preset)
+    return (
+        p,
+        p.n_subjects if n_subjects is None else n_subjects,
+        p.modality if modality is None else modality,
+        p.pd_fraction if pd_fraction is None else pd_fraction,
+        p.max_visits if max_visits is None else max_visits,
+        tuple(p.split if split is None else split),
+    )
+
+
 def _build_subject(seed: int, index: int, label: int, n_visits: int, config: PhantomConfig, id_width: int = 4):
     latents = _sample_latents(subject_rng(seed, index, 0), label, config)
     visits = tuple(_sample_acquisition(subject_rng(seed, index, 2 + v), config) for v in range(n_visits))
@@ -673,53 +743,64 @@ def _dataset_design(
 
 
 def sample_population(
-    n_subjects: int, seed: int = 0, modality: str = "spect", pd_fraction: float = 0.8, max_visits: int = 1, **overrides
+    n_subjects: int | None = None,
+    seed: int = 0,
+    modality: str | None = None,
+    pd_fraction: float | None = None,
+    max_visits: int | None = None,
+    preset: str | Preset = "default",
+    **overrides,
 ) -> list[PhantomSubject]:
     """The subjects :func:`generate_dataset` would create for these arguments, in memory and without rendering.
 
     Useful for calibration: render them with :func:`render_volume` (e.g. in a process pool) instead of writing
-    files. Subject ``i`` depends only on ``(seed, i)`` and its label.
+    files. Subject ``i`` depends only on ``(seed, i)`` and its label. Arguments left ``None`` come from ``preset``.
     """
+    p, n_subjects, modality, pd_fraction, max_visits, _ = _resolve_design(
+        preset, n_subjects, modality, pd_fraction, max_visits, None
+    )
     if int(n_subjects) < 1:
         raise ValueError(f"n_subjects must be a positive integer, got {n_subjects!r}.")
     if not 0.0 <= pd_fraction <= 1.0:
         raise ValueError(f"pd_fraction must be in [0, 1], got {pd_fraction}.")
-    config = default_config(modality, **overrides)
+    config = preset_config(p, modality, **overrides)
     labels, _, n_visits = _dataset_design(int(n_subjects), seed, pd_fraction, int(max_visits), (1.0, 0.0, 0.0))
     width = max(4, len(str(n_subjects)))
     return [_build_subject(seed, i, int(labels[i]), n_visits[i], config, width) for i in range(int(n_subjects))]
+
+
+def _entry(subject: PhantomSubject, visit: int) -> dict:
+    """The datalist entry of one visit (without the image path)."""
+    latents, acq, label = subject.latents, subject.visits[visit], subject.label
+    return {
+        "label": int(label),
+        "subject": subject.subject_id,
+        "visit": visit + 1,
+        "years": subject.years(visit),
+        "age": round(latents.age + subject.years(visit), 3),
+        "sex": latents.sex,
+        "sbr_true": _round_dict(true_binding(subject, visit)),
+        "affected_side": latents.affected_side if label == 1 else None,
+        "mild": bool(latents.is_mild) if label == 1 else None,
+        "unilateral": bool(latents.is_unilateral) if label == 1 else None,
+        "fwhm_mm": round(acq.fwhm_mm, 4),
+        "counts": round(acq.counts, 4),
+        "intensity_scale": round(acq.intensity_scale, 5),
+        "anatomical_scale": round(latents.anatomical_scale, 5),
+        "pose": acq.pose_dict(),
+    }
 
 
 def _subject_entries(task: tuple) -> list[dict]:
     """Worker: sample, render and write every visit of one subject; returns its datalist entries."""
     seed, index, label, n_visits, config, out_dir, id_width = task
     subject = _build_subject(seed, index, label, n_visits, config, id_width)
-    subject_id, latents, visits = subject.subject_id, subject.latents, subject.visits
     entries = []
     for v in range(n_visits):
         volume = render_volume(subject, v)
-        rel = pathlib.Path("images") / f"{subject_id}_ses-{v + 1:02d}.nii.gz"
+        rel = pathlib.Path("images") / f"{subject.subject_id}_ses-{v + 1:02d}.nii.gz"
         _write_nifti(pathlib.Path(out_dir) / rel, volume, MNI_2MM_AFFINE)
-        acq = visits[v]
-        entries.append(
-            {
-                "image": rel.as_posix(),
-                "label": int(label),
-                "subject": subject_id,
-                "visit": v + 1,
-                "years": subject.years(v),
-                "age": round(latents.age + subject.years(v), 3),
-                "sex": latents.sex,
-                "sbr_true": _round_dict(true_binding(subject, v)),
-                "affected_side": latents.affected_side if label == 1 else None,
-                "mild": bool(latents.is_mild) if label == 1 else None,
-                "fwhm_mm": round(acq.fwhm_mm, 4),
-                "counts": round(acq.counts, 4),
-                "intensity_scale": round(acq.intensity_scale, 5),
-                "anatomical_scale": round(latents.anatomical_scale, 5),
-                "pose": acq.pose_dict(),
-            }
-        )
+        entries.append({"image": rel.as_posix(), **_entry(subject, v)})
     return entries
 
 
@@ -770,13 +851,14 @@ def _validate_dataset_args(
 
 def generate_dataset(
     out_dir: str | os.PathLike,
-    n_subjects: int,
+    n_subjects: int | None = None,
     seed: int = 0,
-    modality: str = "spect",
-    pd_fraction: float = 0.8,
-    max_visits: int = 1,
-    split: Sequence[float] = (0.6, 0.2, 0.2),
+    modality: str | None = None,
+    pd_fraction: float | None = None,
+    max_visits: int | None = None,
+    split: Sequence[float] | None = None,
     workers: int = 1,
+    preset: str | Preset = "default",
     **overrides,
 ) -> pathlib.Path:
     """Generate a phantom data set: NIfTI volumes plus a ``datalist.json`` split by subject.
@@ -787,6 +869,9 @@ def generate_dataset(
     (largest-remainder allocation of each class), so all visits of a subject share a split. Everything is a
     function of ``seed`` only (one ``SeedSequence`` child per subject and visit), whatever ``workers`` is.
 
+    Every argument left ``None`` takes the value of ``preset`` (see :mod:`scripts.synthetic.presets`); the
+    ``default`` preset is spect, 300 subjects, 80 % PD, one visit, split 60/20/20.
+
     Args:
         out_dir: output folder; volumes go to ``out_dir/images/sub-XXXX_ses-YY.nii.gz``.
         n_subjects: number of subjects.
@@ -795,9 +880,11 @@ def generate_dataset(
         pd_fraction: fraction of PD subjects.
         max_visits: maximum number of scans per subject.
         split: (training, validation, test) fractions of subjects, summing to 1; a zero fraction gives an
-            empty split.
+            empty split (``(0, 0, 1)``: every scan in ``test``, e.g. for an external test set).
         workers: number of worker processes.
-        overrides: :class:`PhantomConfig` fields replacing the modality defaults (e.g. ``mild_fraction=0.1``).
+        preset: a name in :data:`PRESETS` (``"default"``, ``"benchmark"``, ``"av133_external"``,
+            ``"spect_other_site"``): generator overrides and defaults for the arguments above.
+        overrides: :class:`PhantomConfig` fields replacing the preset's values (e.g. ``mild_fraction=0.1``).
 
     With ``workers > 1`` a ``spawn`` process pool is used, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -806,8 +893,11 @@ def generate_dataset(
         path of ``out_dir/datalist.json``: ``{"training": [...], "validation": [...], "test": [...],
         "metadata": {...}}`` with image paths relative to ``out_dir``.
     """
+    p, n_subjects, modality, pd_fraction, max_visits, split = _resolve_design(
+        preset, n_subjects, modality, pd_fraction, max_visits, split
+    )
     n_pd, n_hc, fractions = _validate_dataset_args(n_subjects, modality, pd_fraction, max_visits, split, workers)
-    config = default_config(modality, **overrides)
+    config = preset_config(p, modality, **overrides)
     out = pathlib.Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -841,6 +931,7 @@ def generate_dataset(
         }
     datalist["metadata"] = {
         "generator": "scripts.synthetic.phantom",
+        "preset": p.name,
         "modality": modality,
         "seed": int(seed),
         "n_subjects": int(n_subjects),
@@ -860,6 +951,135 @@ def generate_dataset(
     return path
 
 
+def _study_sizes(n_subjects: int | Mapping[str, int] | None) -> dict[str, int]:
+    sizes = {name: get_preset(preset).n_subjects for name, (preset, _) in STUDY_SETS.items()}
+    if n_subjects is None:
+        return sizes
+    if isinstance(n_subjects, Mapping):
+        unknown = sorted(set(n_subjects) - set(sizes))
+        if unknown:
+            raise ValueError(f"unknown study set(s) {unknown} in n_subjects; valid sets are {list(STUDY_SETS)}.")
+        return {**sizes, **{k: int(v) for k, v in n_subjects.items()}}
+    return {name: int(n_subjects) for name in sizes}
+
+
+def make_study_data(
+    root: str | os.PathLike,
+    seed: int = 0,
+    workers: int = 1,
+    n_subjects: int | Mapping[str, int] | None = None,
+) -> dict[str, pathlib.Path]:
+    """Build (once) the study data folder: the benchmark set and its two shifted, external test sets.
+
+    ``root/benchmark`` (preset ``benchmark``, seed ``seed``), ``root/av133`` (``av133_external``) and
+    ``root/spect_other_site`` (``spect_other_site``), each with its own derived seed (:func:`study_seed`), so the
+    external sets hold other subjects than the benchmark. A set whose ``datalist.json`` exists is not generated
+    again (generation is deterministic); it must have been made with the same preset, seed and size.
+
+    Args:
+        root: the study data folder.
+        seed: the study's master seed.
+        workers: worker processes per set.
+        n_subjects: ``None`` for each preset's recommended size (600 / 200 / 200), an int for every set, or
+            ``{set name: n}`` for some sets.
+
+    Returns:
+        ``{"benchmark": root/benchmark/datalist.json, "av133": ..., "spect_other_site": ...}``.
+
+    Raises:
+        ValueError: when an existing datalist was made with another preset, seed, number of subjects or generator
+            parameters (e.g. by an older version of the preset).
+    """
+    root = pathlib.Path(root)
+    sizes = _study_sizes(n_subjects)
+    paths: dict[str, pathlib.Path] = {}
+    for name, (preset, _) in STUDY_SETS.items():
+        set_seed, path = study_seed(seed, name), root / name / "datalist.json"
+        if path.is_file():
+            meta = json.loads(path.read_text()).get("metadata", {})
+            made = (meta.get("preset", "default"), meta.get("seed"), meta.get("n_subjects"))
+            if made != (preset, set_seed, sizes[name]):
+                raise ValueError(
+                    f"{path} was made with preset={made[0]!r}, seed={made[1]}, n_subjects={made[2]}, not "
+                    f"preset={preset!r}, seed={set_seed}, n_subjects={sizes[name]}: remove {path.parent} or use "
+                    "another study folder."
+                )
+            # JSON round trip: tuples are stored as lists.
+            expected = json.loads(json.dumps(dataclasses.asdict(preset_config(preset))))
+            changed = sorted(k for k, v in expected.items() if meta.get("parameters", {}).get(k) != v)
+            if changed:
+                raise ValueError(
+                    f"{path} was made with other {preset!r} generator parameters than the current preset "
+                    f"(changed: {changed}): remove {path.parent} to generate it again."
+                )
+        else:
+            generate_dataset(root / name, sizes[name], seed=set_seed, preset=preset, workers=workers)
+        paths[name] = path
+    return paths
+
+
+def _visit_sbr(task: tuple[PhantomSubject, int]) -> dict[str, float]:
+    """Worker: render one visit in memory (float32, MNI 2 mm grid) and measure its SBR features."""
+    from scripts.sbr import compute_sbr
+
+    subject, visit = task
+    return compute_sbr(render_volume(subject, visit), MNI_2MM_AFFINE)
+
+
+def calibrate_population(
+    preset: str | Preset = "benchmark",
+    n_subjects: int | None = None,
+    seed: int = 0,
+    modality: str | None = None,
+    pd_fraction: float | None = None,
+    max_visits: int | None = None,
+    split: Sequence[float] | None = None,
+    workers: int = 1,
+    **overrides,
+) -> dict:
+    """Render a preset's population in memory and summarise its calibration (no files are written).
+
+    The subjects, labels and split are exactly those :func:`generate_dataset` would write for the same arguments;
+    volumes stay float32 (files are int16, which changes SBRs by ~1e-4).
+
+    Returns:
+        :func:`scripts.sbr.summarize_features` of every scan (per-class SBR statistics, the in-sample
+        lowest-putamen threshold and the nuisance-only CV AUC) plus ``"threshold_train_test"``: the threshold
+        fitted on the training split and evaluated on the test split (as ``python -m scripts.sbr --datalist``
+        does), when both splits hold both classes; and the design (``preset``, ``modality``, ``seed``, ...).
+    """
+    from scripts.sbr import SBRThresholdClassifier, summarize_features
+
+    p, n_subjects, modality, pd_fraction, max_visits, split = _resolve_design(
+        preset, n_subjects, modality, pd_fraction, max_visits, split
+    )
+    _, _, fractions = _validate_dataset_args(n_subjects, modality, pd_fraction, max_visits, split, workers)
+    config = preset_config(p, modality, **overrides)
+    started = time.perf_counter()
+    labels, split_of, n_visits = _dataset_design(n_subjects, seed, pd_fraction, max_visits, fractions)
+    width = max(4, len(str(n_subjects)))
+    subjects = [_build_subject(seed, i, int(labels[i]), n_visits[i], config, width) for i in range(n_subjects)]
+    tasks = [(s, v) for s in subjects for v in range(len(s.visits))]
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("spawn").Pool(processes=min(int(workers), len(tasks))) as pool:
+            feats = pool.map(_visit_sbr, tasks, chunksize=max(1, len(tasks) // (8 * workers)))
+    else:
+        feats = [_visit_sbr(t) for t in tasks]
+    split_name = {s.subject_id: SPLIT_NAMES[split_of[i]] for i, s in enumerate(subjects)}
+    entries = [{**_entry(s, v), "split": split_name[s.subject_id]} for s, v in tasks]
+    summary = summarize_features(entries, feats)
+    lowest = np.asarray([f["lowest_putamen"] for f in feats])
+    y = np.asarray([e["label"] for e in entries])
+    fit, test = (np.asarray([e["split"] == name for e in entries]) for name in ("training", "test"))
+    if all(0 < y[m].sum() < m.sum() for m in (fit, test)):
+        clf = SBRThresholdClassifier().fit(lowest[fit], y[fit])
+        summary["threshold_train_test"] = {"threshold": clf.threshold, "metrics": clf.report(lowest[test], y[test])}
+    design = {"preset": p.name, "modality": modality, "seed": int(seed), "n_subjects": int(n_subjects)}
+    design.update(pd_fraction=float(pd_fraction), max_visits=int(max_visits), split=list(fractions))
+    design.update(overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
+    return {**design, **summary, "seconds": round(time.perf_counter() - started, 2)}
+
+
 def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}.")
@@ -873,16 +1093,33 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see ``python -m scripts.synthetic --help``."""
+    presets = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()).replace("%", "%%")
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.synthetic", description="Generate a synthetic DaTscan / AV133 phantom data set."
+        prog="python -m scripts.synthetic",
+        description="Generate a synthetic DaTscan / AV133 phantom data set, the study data folder, or an in-memory "
+        "calibration summary.",
     )
-    parser.add_argument("--out", required=True, help="output folder (datalist.json and images/)")
-    parser.add_argument("--n-subjects", type=int, required=True)
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--out", help="output folder (datalist.json and images/)")
+    task.add_argument(
+        "--study-data",
+        metavar="DIR",
+        help="build DIR/benchmark, DIR/av133 and DIR/spect_other_site (each once, with seeds derived from --seed)",
+    )
+    task.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="render the population in memory and print its SBR calibration summary as JSON (no files)",
+    )
+    parser.add_argument("--preset", default="default", choices=list(PRESETS), help=f"named parameter set: {presets}")
+    parser.add_argument("--n-subjects", type=int, default=None, help="number of subjects (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modality", choices=MODALITIES, default="spect")
-    parser.add_argument("--pd-fraction", type=float, default=0.8)
-    parser.add_argument("--max-visits", type=int, default=1)
-    parser.add_argument("--split", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--modality", choices=MODALITIES, default=None, help="default: the preset's (spect)")
+    parser.add_argument("--pd-fraction", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--max-visits", type=int, default=None, help="default: the preset's (1)")
+    parser.add_argument(
+        "--split", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"), help="default: the preset's"
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
         "--set",
@@ -894,16 +1131,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override a generator parameter, e.g. --set mild_fraction=0.1 --set fwhm_range_mm=[16,20]",
     )
     args = parser.parse_args(argv)
+    design = {
+        "modality": args.modality,
+        "pd_fraction": args.pd_fraction,
+        "max_visits": args.max_visits,
+        "split": None if args.split is None else tuple(args.split),
+    }
+    if args.study_data:
+        unused = [f"--{k.replace('_', '-')}" for k, v in design.items() if v is not None]
+        unused += ["--set"] * bool(args.overrides) + ["--preset"] * (args.preset != "default")
+        if unused:
+            parser.error(f"{', '.join(unused)} cannot be used with --study-data (its sets are fixed presets).")
+        try:
+            paths = make_study_data(args.study_data, seed=args.seed, workers=args.workers, n_subjects=args.n_subjects)
+        except ValueError as err:
+            parser.error(str(err))
+        for name, path in paths.items():
+            meta = json.loads(path.read_text())["metadata"]
+            print(f"{name}: preset {meta['preset']}, seed {meta['seed']}, {meta['n_scans']} scans -> {path}")
+        return 0
     try:
+        if args.calibrate:
+            summary = calibrate_population(
+                args.preset, args.n_subjects, seed=args.seed, workers=args.workers, **design, **dict(args.overrides)
+            )
+            print(json.dumps(summary, indent=1))
+            return 0
         path = generate_dataset(
             args.out,
             args.n_subjects,
             seed=args.seed,
-            modality=args.modality,
-            pd_fraction=args.pd_fraction,
-            max_visits=args.max_visits,
-            split=tuple(args.split),
             workers=args.workers,
+            preset=args.preset,
+            **design,
             **dict(args.overrides),
         )
     except ValueError as err:
@@ -913,7 +1173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{meta['modality']}: {meta['n_scans']} scans of {meta['n_subjects']} subjects "
         f"(train {c['training']['n_scans']}, val {c['validation']['n_scans']}, test {c['test']['n_scans']}) "
-        f"in {meta['seconds']:.1f} s -> {path}"
+        f"in {meta['seconds']:.1f} s -> {path} (preset {meta['preset']})"
     )
     return 0
 
