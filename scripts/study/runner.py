@@ -77,27 +77,19 @@ def _datalist_path(path: str, option: str) -> str:
 def synthetic_study_data(root: Path, n_subjects: int | dict[str, int] | None, workers: int = 2) -> dict[str, str]:
     """The synthetic sets of a study under ``root``: the in-domain set first, then the external sets.
 
-    Uses the generator's study sets (``make_study_data``: the harder ``benchmark`` preset and two shifted sets)
-    when the generator provides them; otherwise the default DaTscan set and an 18F-AV133 PET-like set (all its
-    scans in the ``test`` split). Generated once; a resumed study reads ``root/datasets.json``.
+    The generator's study sets (``scripts.synthetic.phantom.make_study_data``): the ``benchmark`` preset (the
+    in-domain set) and two shifted sets made from other subjects, an AV133-like PET set and a SPECT set from
+    another site, with all their scans in the ``test`` split. Generated once; a resumed study reads
+    ``root/datasets.json``.
     """
     index = root / "datasets.json"
     if index.is_file():
         return json.loads(index.read_text())
-    from scripts.synthetic import phantom
+    from scripts.synthetic.phantom import make_study_data
 
     root.mkdir(parents=True, exist_ok=True)
-    if hasattr(phantom, "make_study_data"):
-        made = phantom.make_study_data(root, seed=0, workers=workers, n_subjects=n_subjects)
-        first = "benchmark" if "benchmark" in made else next(iter(made))
-        data = {first: str(made[first]), **{k: str(v) for k, v in made.items() if k != first}}
-    else:
-        n = (n_subjects.get("benchmark") if isinstance(n_subjects, dict) else n_subjects) or 200
-        spect = phantom.generate_dataset(root / "spect", n_subjects=n, seed=0, workers=workers)
-        av133 = phantom.generate_dataset(
-            root / "av133", n_subjects=max(20, n // 4), seed=1, modality="av133", split=(0, 0, 1), workers=workers
-        )
-        data = {"spect": str(spect), "av133": str(av133)}
+    made = make_study_data(root, seed=0, workers=workers, n_subjects=n_subjects)
+    data = {"benchmark": str(made["benchmark"]), **{k: str(v) for k, v in made.items() if k != "benchmark"}}
     index.write_text(json.dumps(data, indent=2) + "\n")
     return data
 

@@ -51,5 +51,4 @@ def ensure_dataset(
     from scripts.synthetic.phantom import generate_dataset
 
     print(f"No datalist in {dataset_dir}: generating {n_subjects} synthetic subjects (preset {preset!r}, seed {seed}).")
-    options = {} if preset == "default" else {"preset": preset}
-    return str(generate_dataset(dataset_dir, n_subjects=n_subjects, seed=seed, workers=workers, **options))
+    return str(generate_dataset(dataset_dir, n_subjects=n_subjects, seed=seed, workers=workers, preset=preset))

@@ -964,10 +964,7 @@ def _study_sizes(n_subjects: int | Mapping[str, int] | None) -> dict[str, int]:
 
 
 def make_study_data(
-    root: str | os.PathLike,
-    seed: int = 0,
-    workers: int = 1,
-    n_subjects: int | Mapping[str, int] | None = None,
+    root: str | os.PathLike, seed: int = 0, workers: int = 1, n_subjects: int | Mapping[str, int] | None = None
 ) -> dict[str, pathlib.Path]:
     """Build (once) the study data folder: the benchmark set and its two shifted, external test sets.
 
