@@ -533,6 +533,10 @@ def top_percent_iou(a, b, percent: float = 10.0, mask=None) -> float:
     return float((sa & sb).sum() / union) if union else float("nan")
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and np.isfinite(a) else float("nan")
+
+
 def attention_metrics(
     rois: Mapping[str, np.ndarray],
     teacher_map: torch.Tensor | None = None,
@@ -550,10 +554,10 @@ def attention_metrics(
         top_percent: ``k`` of the top-``k`` % IoU.
 
     Returns:
-        ``teacher_<roi>_share`` / ``teacher_<roi>_chance`` (teacher over the volume), ``student_<roi>_share`` /
-        ``student_<roi>_chance`` (student over its planes), ``teacher_on_planes_<roi>_share`` (the teacher's map
-        read on the student's planes) and ``spearman_striatum`` / ``top<k>_iou`` (agreement on those planes),
-        for the maps given.
+        ``teacher_<roi>_share`` / ``_chance`` / ``_enrichment`` (share / chance; teacher over the volume),
+        ``student_<roi>_share`` / ``_chance`` / ``_enrichment`` (student over its planes),
+        ``teacher_on_planes_<roi>_share`` / ``_enrichment`` (the teacher's map read on the student's planes) and
+        ``spearman_striatum`` / ``top<k>_iou`` (agreement on those planes), for the maps given.
     """
     groups = roi_groups(rois)
     out: dict[str, float] = {}
@@ -562,6 +566,7 @@ def attention_metrics(
         for name, mask in groups.items():
             out[f"teacher_{name}_share"] = roi_share(t, mask)
             out[f"teacher_{name}_chance"] = float(mask.mean())
+            out[f"teacher_{name}_enrichment"] = _ratio(out[f"teacher_{name}_share"], out[f"teacher_{name}_chance"])
     if student_maps is not None:
         if planes is None:
             raise ValueError("student maps need their source planes (projection_planes) to be placed.")
@@ -570,10 +575,14 @@ def attention_metrics(
         for name, mask in plane_masks.items():
             out[f"student_{name}_share"] = roi_share(s, mask)
             out[f"student_{name}_chance"] = float(mask.float().mean())
+            out[f"student_{name}_enrichment"] = _ratio(out[f"student_{name}_share"], out[f"student_{name}_chance"])
         if teacher_map is not None:
             t_planes = sample_planes(torch.as_tensor(teacher_map).float(), planes)
             for name, mask in plane_masks.items():
                 out[f"teacher_on_planes_{name}_share"] = roi_share(t_planes, mask)
+                out[f"teacher_on_planes_{name}_enrichment"] = _ratio(
+                    out[f"teacher_on_planes_{name}_share"], out[f"student_{name}_chance"]
+                )
             out["spearman_striatum"] = spearman(s, t_planes, plane_masks["striatum"])
             out[f"top{top_percent:g}_iou"] = top_percent_iou(s, t_planes, top_percent)
     return out
