@@ -516,7 +516,8 @@ def _top_set(x: np.ndarray, percent: float) -> np.ndarray:
 def top_percent_iou(a, b, percent: float = 10.0, mask=None) -> float:
     """IoU of the top ``percent`` % elements of each map (positive values only) over ``mask``.
 
-    1 for identical maps, 0 for maps with disjoint supports; ``nan`` when both top sets are empty.
+    1 for identical maps, 0 for maps with disjoint supports; ``nan`` when a map has no positive value there
+    (an empty map agrees with nothing and disagrees with nothing).
     """
     if not 0 < percent <= 100:
         raise ValueError(f"percent must be in (0, 100], got {percent}.")
@@ -529,8 +530,9 @@ def top_percent_iou(a, b, percent: float = 10.0, mask=None) -> float:
     if x.size == 0:
         return float("nan")
     sa, sb = _top_set(x, percent), _top_set(y, percent)
-    union = int((sa | sb).sum())
-    return float((sa & sb).sum() / union) if union else float("nan")
+    if not (sa.any() and sb.any()):
+        return float("nan")
+    return float((sa & sb).sum() / (sa | sb).sum())
 
 
 def _ratio(a: float, b: float) -> float:
@@ -877,9 +879,9 @@ class AttentionEvaluation:
                 if name == "teacher":
                     continue
                 s_row, s_res = self._model_rows(name, x2, label, occlusion)
-                s_row.update(
-                    attention_metrics(rois, teacher_map, s_res.maps.cpu(), planes, top_percent=self.top_percent)
-                )
+                metrics = attention_metrics(rois, teacher_map, s_res.maps.cpu(), planes, top_percent=self.top_percent)
+                # the teacher's own volume shares are in the teacher's rows
+                s_row.update({k: v for k, v in metrics.items() if not k.startswith("teacher_") or "_on_planes_" in k})
                 if occlusion:
                     striatum = roi_planes(roi_groups(rois)["striatum"], planes)
                     s_row["occlusion_striatum_share"] = roi_share(s_row.pop("occlusion_maps").cpu(), striatum)

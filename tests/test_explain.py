@@ -242,6 +242,7 @@ def test_agreement_of_identical_and_disjoint_maps():
     left, right = torch.zeros(16, 16), torch.zeros(16, 16)
     left[:, :8], right[:, 8:] = 1.0, 1.0
     assert top_percent_iou(left, right, 10) == 0.0
+    assert np.isnan(top_percent_iou(left, torch.zeros(16, 16), 10))  # an empty map agrees with nothing
     assert roi_share(left, left > 0) == pytest.approx(1.0) and roi_share(left, right > 0) == 0.0
     assert np.isnan(roi_share(torch.zeros(4), torch.ones(4)))
     assert np.isnan(spearman(torch.ones(10), torch.rand(10)))
@@ -321,6 +322,7 @@ def test_explain_config_writes_per_scan_and_summary_numbers(tiny_phantom_dataset
     summary = json.loads((out / "attention_summary.json").read_text())
     assert summary["n_scans"] == len(test) and set(summary["models"]) == {"teacher", "kd_student", "nokd_student"}
     assert summary["models"]["teacher"]["teacher_striatum_share"]["n"] == len(test)
+    assert "teacher_striatum_share" not in summary["models"]["kd_student"]  # the teacher's numbers are its own
     share = summary["models"]["kd_student"]["student_striatum_share"]["mean"]
     assert share is None or 0.0 <= share <= 1.0
     assert summary["settings"]["target_layers"]["kd_student"] == "encoder.encoder.layer2"
