@@ -17,6 +17,7 @@ from torch import nn
 
 from scripts.explain import (
     LAYER_GEOMETRY,
+    SALIENCY_METHODS,
     GradCAMSaliency,
     aligned_upsampler,
     attention_metrics,
@@ -51,12 +52,13 @@ def _volume(size: int = 32, seed: int = 0) -> MetaTensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_gradcam_of_the_teacher_is_one_3d_map_in_unit_range():
+@pytest.mark.parametrize("method", SALIENCY_METHODS)
+def test_gradcam_of_the_teacher_is_one_3d_map_in_unit_range(method):
     torch.manual_seed(0)
     teacher = Teacher3D("resnet10").eval()
     for p in teacher.parameters():  # a frozen teacher (as loaded for distillation) still gets its map
         p.requires_grad_(False)
-    cam = GradCAMSaliency(teacher)
+    cam = GradCAMSaliency(teacher, method)
     assert cam.target_layer == "encoder.layer2" == default_target_layer(teacher)
     result = cam(_volume().as_tensor()[None], class_idx=1)
     assert result.maps.shape == (1, 32, 32, 32)
