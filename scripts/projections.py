@@ -32,7 +32,11 @@ Output
     else float32. For a ``MetaTensor`` the meta data are kept (``filename_or_obj`` etc.) except the stale 3D
     ``spatial_shape`` (removed) and ``affine`` (replaced by the 3×3 in-plane affine of the projected view, see
     :func:`plane_affine`; for multi-view outputs that of the first view, axial, since the other channels lie in
-    other planes); ``meta["projection"]`` records the projection name. The applied-operation trace is
+    other planes); ``meta["projection"]`` records the projection name and ``meta["projection_planes"]`` where
+    each channel came from: an int64 ``(C', 2)`` tensor of rows ``(axis, index)``, the spatial axis sliced
+    (0 = x, 1 = y, 2 = z, see :data:`VIEW_AXIS`) and the slice index along it, or ``-1`` for a channel computed
+    from the whole stack of slices (dynamic image, entropy); it is what maps a 2D result (e.g. a saliency map)
+    back to its place in the volume, whatever the centre mode. The applied-operation trace is
     reset, because the 3D operations cannot be inverted through a projection. Lists of outputs collate with
     ``monai.data.list_data_collate``.
 
@@ -386,14 +390,24 @@ def plane_affine(affine: torch.Tensor | np.ndarray, view: str) -> torch.Tensor:
 
 
 def _wrap_output(
-    out: torch.Tensor, img: NdarrayOrTensor, view: str, name: str, centres: dict[str, int] | None = None
+    out: torch.Tensor,
+    img: NdarrayOrTensor,
+    view: str,
+    name: str,
+    planes: Sequence[tuple[int, int]],
+    centres: dict[str, int] | None = None,
 ) -> NdarrayOrTensor:
-    """Return ``out`` in the type family of ``img``; for a ``MetaTensor`` carry over and fix the meta data."""
+    """Return ``out`` in the type family of ``img``; for a ``MetaTensor`` carry over and fix the meta data.
+
+    ``planes`` gives, per output channel, ``(axis, slice index)`` or ``(axis, -1)`` for a whole-stack channel;
+    ``centres`` the centre slice used per view (slice-based projections).
+    """
     if isinstance(img, MetaTensor):
         if not get_track_meta():
             return out
         meta = {k: deepcopy(v) for k, v in img.meta.items() if k not in (MetaKeys.SPATIAL_SHAPE, MetaKeys.AFFINE)}
         meta["projection"] = name
+        meta["projection_planes"] = torch.as_tensor(planes, dtype=torch.int64).reshape(-1, 2)
         if centres is not None:
             meta["slice_centre"] = dict(centres)
         return MetaTensor(out, affine=plane_affine(img.affine, view), meta=meta, spatial_ndim=2)
@@ -689,12 +703,13 @@ class AdjacentSlices(Transform):
         vol = _volume(img)
         _check_same_planes(vol, self.views)
         half = self.num_slices // 2
-        channels = []
+        channels, planes = [], []
         centres = self.centres(img)
         for v, c in centres.items():
             channels.append(_slices_first(vol, v)[c - half : c + half + 1])
+            planes += [(VIEW_AXIS[v], t) for t in range(c - half, c + half + 1)]
         out = torch.cat(channels, dim=0).to(_out_dtype(vol))
-        return _wrap_output(out, img, self.views[0], self.name, centres)
+        return _wrap_output(out, img, self.views[0], self.name, planes, centres)
 
 
 class DynamicImage(Transform):
@@ -738,7 +753,7 @@ class DynamicImage(Transform):
             tol = 1e-10 * float(alpha.abs().sum()) * vmax
             channels.append((di - lo) / (hi - lo) if float(hi - lo) > tol else torch.zeros_like(di))
         out = torch.stack(channels, dim=0).to(_out_dtype(vol))
-        return _wrap_output(out, img, self.views[0], self.name)
+        return _wrap_output(out, img, self.views[0], self.name, [(VIEW_AXIS[v], -1) for v in self.views])
 
 
 class EntropyProjection(Transform):
@@ -774,7 +789,7 @@ class EntropyProjection(Transform):
             weights = slice_entropy(v64, v, self.bins)
             channels.append(torch.tensordot(weights, _slices_first(v64, v), dims=1) / (weights.sum() + 1e-5))
         out = torch.stack(channels, dim=0).to(_out_dtype(vol))
-        return _wrap_output(out, img, self.views[0], self.name)
+        return _wrap_output(out, img, self.views[0], self.name, [(VIEW_AXIS[v], -1) for v in self.views])
 
 
 class Projection(Transform):

@@ -1,0 +1,774 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""Per-scan reading reports and a static index page, written by inference (``--report True``).
+
+For every scan, :class:`ReportWriter` (an ignite handler of the inference evaluator) writes
+``<output_dir>/scans/<scan>.png``, one figure a reader takes in at a glance:
+
+* the student's input, channel by channel, with its Grad-CAM overlay and the template striatal outlines;
+* the teacher's Grad-CAM through the striatum in three orthogonal views (axial and coronal through the centre
+  of the template striatum, sagittal through the putamen with the lower SBR);
+* P(PD) of the student and of the teacher and the predicted class;
+* the SBRs (caudate, putamen and posterior putamen, left and right; putamen asymmetry index) against the
+  healthy-control range (mean ± 2 SD of the HC scans of a reference split, by default the datalist's training
+  split), values outside the range flagged;
+* input warnings (SBR not computable, striatal uptake away from the template striatum: the scan is probably not
+  in MNI space, so SBRs and ROI outlines are unreliable).
+
+``<output_dir>/index.html`` lists every scan (thumbnail, P(PD) of student and teacher, predicted class, lowest
+putamen SBR, warnings), sortable by any column and sorted by the student's P(PD) at first; a scan that could
+not be processed gets an error row with the reason. The page is static (inline CSS and script, images by
+relative path), so the folder can be copied and opened in any browser. ``report.json`` holds the same rows.
+The index is rewritten after every batch, so a run that stops early still leaves a page for what was done.
+
+Images are shown with anterior (axial, sagittal) or superior (coronal, sagittal) up and the patient's right on
+the right of the image (neurological convention), as ``scripts.handlers.ProjectionPNGSaver`` does.
+
+matplotlib is imported only when a report is drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import logging
+import os
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from scripts.errors import find_input_error
+from scripts.explain import (
+    GradCAMSaliency,
+    SaliencyResult,
+    attention_metrics,
+    load_weights,
+    projection_planes,
+    roi_groups,
+    roi_planes,
+)
+from torch import nn
+
+__all__ = [
+    "REPORT_SBR_FEATURES",
+    "ScanRecord",
+    "hc_reference_ranges",
+    "render_scan_report",
+    "write_index",
+    "ReportWriter",
+]
+
+REPORT_SBR_FEATURES = (
+    "caudate_L",
+    "caudate_R",
+    "putamen_L",
+    "putamen_R",
+    "putamen_post_L",
+    "putamen_post_R",
+    "putamen_ai",
+)
+"""SBR features shown in a report, from :func:`scripts.sbr.compute_sbr`."""
+
+_SBR_LABELS = {
+    "caudate_L": "caudate L",
+    "caudate_R": "caudate R",
+    "putamen_L": "putamen L",
+    "putamen_R": "putamen R",
+    "putamen_post_L": "post. putamen L",
+    "putamen_post_R": "post. putamen R",
+    "putamen_ai": "putamen AI (%)",
+}
+_AXIS_VIEW = {2: "axial", 1: "coronal", 0: "sagittal"}
+_AXIS_LETTER = {0: "x", 1: "y", 2: "z"}
+_OFFSET_WARNING_MM = 12.0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanRecord:
+    """One row of the report index.
+
+    Attributes:
+        image: the scan's file (or DICOM folder).
+        name: unique short name; the report is ``scans/<name>.png``.
+        png: report image path relative to the index (``None`` when the scan has no report).
+        student_pd / teacher_pd: P(PD) of each network (``None`` when not available).
+        predicted_label: ``"PD"`` or ``"HC"`` from the inference network.
+        sbr: SBR features shown in the report.
+        warnings: input warnings.
+        error: why the scan has no report (``None`` when it has one).
+    """
+
+    image: str
+    name: str
+    png: str | None = None
+    student_pd: float | None = None
+    teacher_pd: float | None = None
+    predicted_label: str | None = None
+    sbr: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _scan_stem(path: str) -> str:
+    name = os.path.basename(str(path).rstrip("/"))
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def hc_reference_ranges(
+    datalist_file: str | os.PathLike, split: str = "training", n_sd: float = 2.0
+) -> dict[str, tuple[float, float]]:
+    """Healthy-control SBR ranges ``mean ± n_sd · SD`` over the HC (label 0) scans of a datalist split.
+
+    Raises:
+        ValueError: when the split has fewer than 3 HC scans.
+    """
+    from scripts.data import LoadScand, load_datalist
+    from scripts.sbr import compute_sbr
+
+    entries = [e for e in load_datalist(datalist_file, split) if int(e["label"]) == 0]
+    if len(entries) < 3:
+        raise ValueError(f"{datalist_file} [{split}] has {len(entries)} HC scans; at least 3 are needed for a range.")
+    load = LoadScand(keys="image")
+    values = []
+    for entry in entries:
+        image = load({"image": entry["image"]})["image"]
+        values.append(compute_sbr(image[0], image.affine))
+    out = {}
+    for feature in REPORT_SBR_FEATURES:
+        v = np.asarray([row[feature] for row in values], dtype=np.float64)
+        out[feature] = (float(v.mean() - n_sd * v.std(ddof=1)), float(v.mean() + n_sd * v.std(ddof=1)))
+    return out
+
+
+def _display(plane: np.ndarray) -> np.ndarray:
+    """Rotate a stored ``(H, W)`` plane so that anterior/superior is up and the patient's right is right."""
+    return np.rot90(np.asarray(plane), 1)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def _side_labels(axis: int) -> tuple[str, str]:
+    """(left edge, right edge) letters of a displayed plane sliced along ``axis``."""
+    return ("P", "A") if axis == 0 else ("L", "R")
+
+
+def _draw_plane(ax, image, saliency, outlines, title: str, axis: int) -> object:
+    """Grey image, saliency overlay (values < 0.2 transparent) and ROI outlines on one axes."""
+    ax.imshow(_display(_minmax(image)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    overlay = None
+    if saliency is not None:
+        s = _display(saliency)
+        overlay = ax.imshow(
+            np.ma.masked_less(s, 0.2), cmap="turbo", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear"
+        )
+    for mask, colour in outlines:
+        m = _display(mask.astype(float))
+        if m.any():
+            ax.contour(m, levels=[0.5], colors=[colour], linewidths=0.8)
+    left, right = _side_labels(axis)
+    ax.text(0.02, 0.5, left, transform=ax.transAxes, color="white", fontsize=8, va="center")
+    ax.text(0.98, 0.5, right, transform=ax.transAxes, color="white", fontsize=8, va="center", ha="right")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return overlay
+
+
+def _outline_masks(groups: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    return [(groups["caudate"], "cyan"), (groups["putamen"], "lime"), (groups["putamen_post"], "yellow")]
+
+
+def _fmt_p(p: float | None) -> str:
+    return "—" if p is None else f"{p:.3f} ({'PD' if p >= 0.5 else 'HC'})"
+
+
+def render_scan_report(
+    path: str | os.PathLike,
+    name: str,
+    volume: np.ndarray,
+    rois: Mapping[str, np.ndarray],
+    student_image: np.ndarray | None = None,
+    student_maps: np.ndarray | None = None,
+    planes: np.ndarray | None = None,
+    student_title: str = "student",
+    teacher_map: np.ndarray | None = None,
+    teacher_title: str = "teacher",
+    attention: Mapping[str, float] | None = None,
+    student_pd: float | None = None,
+    teacher_pd: float | None = None,
+    sbr: Mapping[str, float] | None = None,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+    warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    dpi: int = 80,
+) -> Path:
+    """Draw one scan's report PNG (see the module docstring).
+
+    Args:
+        path: output PNG file.
+        name: scan name (figure title).
+        volume: ``(X, Y, Z)`` working-grid volume.
+        rois: template ROIs on the working grid (``scripts.anatomy.template_rois``).
+        student_image: ``(C, H, W)`` student input (``None``: no student panels).
+        student_maps: ``(C, H, W)`` its saliency (``None``: no overlay).
+        planes: ``(C, 2)`` source planes of the student's channels.
+        student_title: what the student saw (projection, fusion).
+        teacher_map: ``(X, Y, Z)`` teacher saliency (``None``: the teacher panels show the volume only).
+        teacher_title: what the teacher's map shows.
+        attention: :func:`scripts.explain.attention_metrics` of the maps (striatal shares, agreement), or ``None``.
+        student_pd: the student's P(PD).
+        teacher_pd: the teacher's P(PD).
+        sbr: SBR features (``None`` when unavailable).
+        ranges: HC ranges ``{feature: (low, high)}`` (``None`` when unavailable).
+        warnings: input warnings, shown in red.
+        notes: other remarks, shown in grey.
+        dpi: resolution (the figure is 14 × 8.6 in).
+    """
+    from matplotlib.figure import Figure  # lazily: only reports need matplotlib
+
+    volume = np.asarray(volume, dtype=np.float32)
+    groups = roi_groups(rois)
+
+    fig = Figure(figsize=(14, 8.6), dpi=dpi, layout="constrained")
+    verdict = student_pd if student_pd is not None else teacher_pd
+    fig.suptitle(
+        f"{name}    prediction: {'—' if verdict is None else ('PD' if verdict >= 0.5 else 'HC')}"
+        f"    P(PD) student {_fmt_p(student_pd)}, teacher {_fmt_p(teacher_pd)}",
+        fontsize=12,
+        fontweight="bold",
+    )
+    left, right = fig.subfigures(1, 2, width_ratios=[2.3, 1.2])
+    top, bottom = left.subfigures(2, 1)
+    n_ch = 0 if student_image is None else int(student_image.shape[0])
+    cols = max(3, n_ch)
+    overlay = None
+    # the student's input, channel by channel
+    if student_image is not None:
+        top.suptitle(f"Student input: {student_title}", fontsize=9.5)
+        axes = top.subplots(1, cols, squeeze=False)[0]
+        plane_rois = {k: roi_planes(v, torch.as_tensor(planes)).numpy() for k, v in groups.items()}
+        for k, ax in enumerate(axes):
+            if k >= n_ch:
+                ax.axis("off")
+                continue
+            axis, index = (int(v) for v in planes[k])
+            where = "whole stack" if index < 0 else f"{_AXIS_LETTER[axis]}={index}"
+            outlines = [] if index < 0 else _outline_masks({g: m[k] for g, m in plane_rois.items()})
+            s = None if student_maps is None else student_maps[k]
+            overlay = _draw_plane(ax, student_image[k], s, outlines, f"{_AXIS_VIEW[axis]} {where}", axis) or overlay
+    else:
+        top.text(0.5, 0.5, "No student panel: inference ran the 3D teacher.", ha="center", va="center", fontsize=10)
+    # the teacher through the striatum: axial and coronal through its centre, sagittal through the lower putamen
+    centre = [int(round(float(c))) for c in np.argwhere(groups["striatum"]).mean(axis=0)]
+    side = "L"
+    if sbr and "putamen_L" in sbr and "putamen_R" in sbr:
+        side = "L" if sbr["putamen_L"] <= sbr["putamen_R"] else "R"
+    putamen = np.argwhere(np.asarray(rois[f"putamen_{side}"]))
+    x_put = int(round(float(putamen[:, 0].mean()))) if putamen.size else centre[0]
+    views = [(2, centre[2], "axial"), (1, centre[1], "coronal"), (0, x_put, f"sagittal ({side} putamen)")]
+    bottom.suptitle(teacher_title, fontsize=9.5)
+    axes = bottom.subplots(1, cols, squeeze=False)[0]
+    for ax in axes[len(views) :]:
+        ax.axis("off")
+    for ax, (axis, index, label) in zip(axes, views):
+        sl = [slice(None)] * 3
+        sl[axis] = index
+        sl = tuple(sl)
+        t = None if teacher_map is None else np.asarray(teacher_map)[sl]
+        outlines = _outline_masks({g: m[sl] for g, m in groups.items()})
+        overlay = _draw_plane(ax, volume[sl], t, outlines, f"{label} {_AXIS_LETTER[axis]}={index}", axis) or overlay
+    # right column: SBR against the HC range, the saliency colour scale, then shares, warnings and notes
+    ax_sbr, cax, ax = right.subplots(3, 1, height_ratios=[1.1, 0.05, 1])
+    _draw_sbr(ax_sbr, sbr, ranges)
+    if overlay is not None:
+        cbar = right.colorbar(overlay, cax=cax, orientation="horizontal")
+        cbar.set_label("Grad-CAM (scaled to its maximum; below 0.2 not shown)", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
+    else:
+        cax.axis("off")
+    ax.axis("off")
+    lines = [("Outlines: caudate (cyan), putamen (green), posterior putamen (yellow)", "dimgray")]
+    for who in ("student", "teacher"):
+        share, chance = (attention or {}).get(f"{who}_striatum_share"), (attention or {}).get(f"{who}_striatum_chance")
+        if share is not None and np.isfinite(share):
+            post = attention.get(f"{who}_putamen_post_share", float("nan"))
+            lines.append(
+                (
+                    f"{who.capitalize()} saliency in the striatum: {100 * share:.1f} % (uniform map:"
+                    f" {100 * chance:.1f} %), posterior putamen {100 * post:.1f} %",
+                    "black",
+                )
+            )
+    if attention and np.isfinite(attention.get("spearman_striatum", float("nan"))):
+        lines.append(
+            (
+                f"Teacher–student agreement on the student's slices: Spearman {attention['spearman_striatum']:.2f}"
+                " over the striatum",
+                "black",
+            )
+        )
+    lines += [(f"Warning: {w}", "firebrick") for w in warnings] or [("No input warnings.", "darkgreen")]
+    lines += [(n, "dimgray") for n in notes]
+    lines.append(("Research use only. Not for clinical or diagnostic use.", "dimgray"))
+    y = 1.0
+    for text, colour in lines:
+        wrapped = textwrap.fill(text, 54)
+        ax.text(0.0, y, wrapped, transform=ax.transAxes, fontsize=8.5, color=colour, va="top")
+        y -= 0.065 * (wrapped.count("\n") + 1) + 0.025
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
+def _draw_sbr(ax, sbr: Mapping[str, float] | None, ranges: Mapping[str, tuple[float, float]] | None) -> None:
+    """SBRs as dots against the HC range (grey bars); the asymmetry index as text below."""
+    ax.set_title("SBR vs healthy-control range (mean ± 2 SD)" if ranges else "SBR (no HC reference range)", fontsize=9)
+    if not sbr:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "SBR not available", ha="center", va="center", transform=ax.transAxes)
+        return
+    features = [f for f in REPORT_SBR_FEATURES if f != "putamen_ai" and f in sbr]
+    ys = np.arange(len(features))[::-1]
+    for y, feature in zip(ys, features):
+        value = sbr[feature]
+        colour = "black"
+        if ranges and feature in ranges:
+            lo, hi = ranges[feature]
+            ax.plot([lo, hi], [y, y], color="0.8", linewidth=8, solid_capstyle="butt")
+            colour = "firebrick" if value < lo else ("darkorange" if value > hi else "darkgreen")
+        ax.plot([value], [y], "o", color=colour, markersize=7)
+        ax.text(value, y + 0.28, f"{value:.2f}", fontsize=7.5, ha="center", color=colour)
+    ax.set_yticks(ys, [_SBR_LABELS[f] for f in features], fontsize=8)
+    ax.set_ylim(-1.6, len(features) - 0.4)
+    highest = max([sbr[f] for f in features] + [hi for f, (lo, hi) in (ranges or {}).items() if f in features])
+    ax.set_xlim(min(0.0, min(sbr[f] for f in features)) - 0.1, highest + 0.4)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("SBR = mean(ROI) / mean(occipital) − 1", fontsize=8)
+    if "putamen_ai" in sbr:
+        ai = sbr["putamen_ai"]
+        text = f"putamen asymmetry index {ai:.1f} %"
+        colour = "black"
+        if ranges and "putamen_ai" in ranges:
+            lo, hi = ranges["putamen_ai"]
+            text += f"  (HC up to {max(hi, 0.0):.1f} %)"
+            colour = "darkorange" if ai > hi else "darkgreen"
+        ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize=8.5, color=colour)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Index page
+# ---------------------------------------------------------------------------------------------------------------
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 6px 10px; text-align: left; vertical-align: middle; }}
+th {{ cursor: pointer; background: #f3f3f3; user-select: none; }}
+th.sorted-desc::after {{ content: " \\25BC"; }}
+th.sorted-asc::after {{ content: " \\25B2"; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+tr.error td {{ background: #fdecea; }}
+.warn {{ color: #b03a2e; font-size: 0.9em; }}
+.pd {{ color: #b03a2e; font-weight: bold; }}
+.hc {{ color: #1e7b34; font-weight: bold; }}
+img.thumb {{ width: 420px; border: 1px solid #ccc; }}
+.notes {{ color: #555; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+<p class="notes">{summary}</p>
+{notes}
+<table id="scans">
+<thead><tr>
+<th data-type="text">report</th>
+<th data-type="text">scan</th>
+<th data-type="num" class="sorted-desc">P(PD) student</th>
+<th data-type="num">P(PD) teacher</th>
+<th data-type="text">predicted</th>
+<th data-type="num">lowest putamen SBR</th>
+<th data-type="text">warnings / errors</th>
+</tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+<p class="notes">Research use only. Not for clinical or diagnostic use.</p>
+<script>
+(function () {{
+  var table = document.getElementById("scans");
+  var headers = table.tHead.rows[0].cells;
+  function key(row, i, type) {{
+    var v = row.cells[i].getAttribute("data-value");
+    if (type === "num") {{ return v === null || v === "" ? NaN : parseFloat(v); }}
+    return (v === null ? row.cells[i].textContent : v).toLowerCase();
+  }}
+  function sortBy(i, descending) {{
+    var type = headers[i].getAttribute("data-type");
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {{
+      var x = key(a, i, type), y = key(b, i, type);
+      if (type === "num") {{
+        if (isNaN(x) && isNaN(y)) return 0;
+        if (isNaN(x)) return 1;
+        if (isNaN(y)) return -1;
+        return descending ? y - x : x - y;
+      }}
+      return descending ? (x < y ? 1 : x > y ? -1 : 0) : (x < y ? -1 : x > y ? 1 : 0);
+    }});
+    rows.forEach(function (r) {{ body.appendChild(r); }});
+    for (var j = 0; j < headers.length; j++) {{ headers[j].className = ""; }}
+    headers[i].className = descending ? "sorted-desc" : "sorted-asc";
+  }}
+  for (var i = 0; i < headers.length; i++) {{
+    (function (i) {{
+      headers[i].addEventListener("click", function () {{
+        sortBy(i, headers[i].className !== "sorted-desc");
+      }});
+    }})(i);
+  }}
+  window.sortReport = sortBy;
+}})();
+</script>
+</body>
+</html>
+"""
+
+
+def _num_cell(value: float | None, digits: int = 3) -> str:
+    if value is None or not np.isfinite(value):
+        return '<td class="num" data-value="">—</td>'
+    return f'<td class="num" data-value="{value:.6f}">{value:.{digits}f}</td>'
+
+
+def _row_html(record: ScanRecord) -> str:
+    e = html.escape
+    if record.png:
+        report = (
+            f'<a href="{e(record.png)}"><img class="thumb" src="{e(record.png)}" alt="report of {e(record.name)}"></a>'
+        )
+    else:
+        report = "no report"
+    label = record.predicted_label or ""
+    predicted = f'<td data-value="{e(label)}" class="{label.lower()}">{e(label) or "—"}</td>'
+    problems = ([f"error: {record.error}"] if record.error else []) + list(record.warnings)
+    notes = "<br>".join(f'<span class="warn">{e(p)}</span>' for p in problems)
+    lowest = record.sbr.get("lowest_putamen") if record.sbr else None
+    return (
+        f'<tr class="{"error" if record.error else "ok"}" data-name="{e(record.name)}">'
+        f"<td>{report}</td><td>{e(record.name)}</td>"
+        f"{_num_cell(record.student_pd)}{_num_cell(record.teacher_pd)}{predicted}{_num_cell(lowest, 2)}"
+        f"<td>{notes}</td></tr>"
+    )
+
+
+def _sort_key(record: ScanRecord) -> tuple:
+    p = record.student_pd if record.student_pd is not None else record.teacher_pd
+    return (p is None, -(p or 0.0), record.name)
+
+
+def write_index(
+    output_dir: str | os.PathLike,
+    records: Sequence[ScanRecord],
+    title: str = "DaTscan PD classification: scan reports",
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``index.html`` and ``report.json`` for ``records`` (rows sorted by P(PD), highest first)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = sorted(records, key=_sort_key)
+    n, n_err = len(records), sum(1 for r in records if r.error)
+    n_pd, n_hc = (sum(1 for r in records if r.predicted_label == label) for label in ("PD", "HC"))
+    summary = f"{n} scan{'s' if n != 1 else ''}: {n_pd} predicted PD, {n_hc} predicted HC; {n_err} without a report."
+    page = _PAGE.format(
+        title=html.escape(title),
+        summary=html.escape(summary),
+        notes="\n".join(f'<p class="notes">{html.escape(n)}</p>' for n in notes),
+        rows="\n".join(_row_html(r) for r in records),
+    )
+    for name, text in (("index.html", page), ("report.json", json.dumps([asdict(r) for r in records], indent=2))):
+        tmp = output_dir / f"{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, output_dir / name)
+    return output_dir / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The inference handler
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _items(batch, output) -> list[tuple[object, torch.Tensor]]:
+    """``(image, class probabilities)`` per scan of a MONAI engine's decollated batch and output."""
+    images = [b["image"] for b in batch] if isinstance(batch, list) else list(batch["image"])
+    preds = [o["pred"] for o in output] if isinstance(output, list) else list(output["pred"])
+    return [(image, torch.as_tensor(p).detach().float().reshape(-1).cpu()) for image, p in zip(images, preds)]
+
+
+def _explained(cam: GradCAMSaliency, x: torch.Tensor, predicted: int) -> tuple[SaliencyResult, str]:
+    """Grad-CAM of the predicted class, or of the other class when that map is empty, with a title saying which.
+
+    Grad-CAM keeps positive evidence only; a confident PD decision that rests on missing uptake can leave the PD
+    map empty, and the map of the evidence for HC (the uptake that is there) is shown instead.
+    """
+    names = ("HC", "PD")
+    result = cam(x, class_idx=predicted)
+    if bool(result.maps.max() > 0):
+        return result, f"Grad-CAM for {names[predicted]} (predicted)"
+    other = cam(x, class_idx=1 - predicted)
+    return other, (
+        f"Grad-CAM for {names[predicted]} is empty (no positive evidence at this layer); shown: evidence for"
+        f" {names[1 - predicted]}"
+    )
+
+
+def _uptake_offset_mm(volume: MetaTensor, striatum: np.ndarray) -> float:
+    """Distance (mm) between the centroid of the hottest 1 % of the voxels and the template striatum's centroid."""
+    v = np.asarray(volume[0].detach().cpu(), dtype=np.float64)
+    hot = v >= np.quantile(v, 0.99)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+
+    def world(mask: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        idx = np.argwhere(mask).astype(np.float64)
+        w = None if weights is None else weights[mask]
+        centre = np.average(idx, axis=0, weights=w)
+        return affine[:3, :3] @ centre + affine[:3, 3]
+
+    return float(np.linalg.norm(world(hot, v - np.median(v)) - world(striatum)))
+
+
+class ReportWriter:
+    """Ignite handler of the inference evaluator: per-scan report PNGs and ``index.html`` (module docstring).
+
+    Args:
+        output_dir: report folder (``index.html``, ``report.json``, ``scans/*.png``).
+        network: the inference network (a 2D student; a 3D teacher when inference runs the teacher, then the
+            teacher panels show it and there is no student panel). A copy is used for the saliency.
+        volume_transforms: the bundle's volume preprocessing, to get each scan's working-grid volume.
+        teacher: the teacher definition; ``teacher_file``: its checkpoint. A missing or unusable checkpoint gives
+            reports without teacher maps, said on every page.
+        datalist: the scans the run was given; scans that did not come through the run get an error row.
+        reference_datalist / reference_split: where the HC SBR range comes from (``None``: no range).
+        method: Grad-CAM method (``scripts.explain.SALIENCY_METHODS``).
+        threshold: PD decision threshold of the predicted class.
+        device: where the saliency runs.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        network: nn.Module,
+        volume_transforms: Sequence[Callable],
+        teacher: nn.Module | None = None,
+        teacher_file: str | os.PathLike | None = None,
+        datalist: Sequence[Mapping] | None = None,
+        reference_datalist: str | os.PathLike | None = None,
+        reference_split: str = "training",
+        method: str = "gradcam",
+        threshold: float = 0.5,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.preprocess = Compose(list(volume_transforms))
+        self.teacher_def = teacher
+        self.teacher_file = teacher_file
+        self.datalist = [dict(e) for e in datalist] if datalist is not None else None
+        self.reference_datalist = reference_datalist
+        self.reference_split = reference_split
+        self.method = method
+        self.threshold = float(threshold)
+        self.device = torch.device(device)
+        self.records: list[ScanRecord] = []
+        self.notes: list[str] = []
+        self._names: set[str] = set()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _prepare(self, engine: Engine) -> None:
+        """Saliency networks, teacher and HC ranges, once per run (after the CheckpointLoader's STARTED)."""
+        from scripts.engine import TEACHER_TRAIN_COMMAND
+
+        self.records, self.notes, self._names = [], [], set()
+        net = copy.deepcopy(self.network).to(self.device).eval()
+        self.teacher_only = getattr(net, "spatial_dims", 2) == 3
+        self.student_cam = None if self.teacher_only else GradCAMSaliency(net, self.method)
+        self.teacher_cam = None
+        if self.teacher_only:
+            self.teacher_cam = GradCAMSaliency(net, self.method)
+        elif self.teacher_def is not None and self.teacher_file is not None:
+            try:
+                teacher = load_weights(copy.deepcopy(self.teacher_def), self.teacher_file, self.device)
+                self.teacher_cam = GradCAMSaliency(teacher, self.method)
+            except (OSError, ValueError) as e:
+                reason = f"{e} Train it with: {TEACHER_TRAIN_COMMAND}" if isinstance(e, FileNotFoundError) else str(e)
+                self.notes.append(f"No teacher panel: {reason}")
+                engine.logger.warning(f"report without the teacher: {reason}")
+        else:
+            self.notes.append("No teacher panel: no teacher checkpoint was given.")
+        self.ranges = None
+        if self.reference_datalist is not None:
+            try:
+                self.ranges = hc_reference_ranges(self.reference_datalist, self.reference_split)
+                self.notes.append(
+                    f"Healthy-control SBR range: mean ± 2 SD of the HC scans of {self.reference_datalist}"
+                    f" [{self.reference_split}]."
+                )
+            except (OSError, ValueError, KeyError) as e:
+                self.notes.append(f"No healthy-control SBR range ({e}).")
+        else:
+            self.notes.append("No healthy-control SBR range: no reference datalist was given.")
+
+    def _on_started(self, engine: Engine) -> None:
+        self._prepare(engine)
+        write_index(self.output_dir, self._pending(), notes=self.notes)
+
+    def _pending(self) -> list[ScanRecord]:
+        """The records so far and a placeholder row for every scan of the datalist not reported yet."""
+        seen = {os.path.abspath(r.image) for r in self.records}
+        rows = list(self.records)
+        for entry in self.datalist or []:
+            path = str(entry["image"])
+            if os.path.abspath(path) not in seen:
+                rows.append(
+                    ScanRecord(
+                        image=path,
+                        name=_scan_stem(path),
+                        error="not reported yet: the run had not reached this scan when the page was written.",
+                    )
+                )
+        return rows
+
+    def _unique_name(self, image: str) -> str:
+        stem, name, i = _scan_stem(image), _scan_stem(image), 2
+        while name in self._names:
+            name, i = f"{stem}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def _on_iteration(self, engine: Engine) -> None:
+        for image, probs in _items(engine.state.batch, engine.state.output):
+            path = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
+            record = ScanRecord(image=path, name=self._unique_name(path or f"scan_{len(self.records)}"))
+            p_pd = float(probs[1]) if probs.numel() > 1 else float(probs[0])
+            record.predicted_label = "PD" if p_pd >= self.threshold else "HC"
+            if self.teacher_only:
+                record.teacher_pd = p_pd
+            else:
+                record.student_pd = p_pd
+            try:
+                self._report(record, image, p_pd)
+            except Exception as e:  # noqa: BLE001 - one scan's report must not stop the others
+                record.error = f"report failed: {type(e).__name__}: {e}"
+                engine.logger.warning(f"{path}: {record.error}")
+            self.records.append(record)
+        write_index(self.output_dir, self._pending(), notes=self.notes)
+
+    def _report(self, record: ScanRecord, image, p_pd: float) -> None:
+        from scripts.anatomy import template_rois
+        from scripts.data import LoadScand
+        from scripts.sbr import compute_sbr
+
+        volume = self.preprocess({"image": record.image})["image"]
+        rois = template_rois(tuple(volume.shape[1:]), np.asarray(volume.affine))
+        x3 = volume.as_tensor()[None].float().to(self.device)
+        student = dict(student_image=None, student_maps=None, planes=None, student_title="")
+        student_maps = planes = None
+        if not self.teacher_only:
+            x2 = torch.as_tensor(image).as_subclass(torch.Tensor).float()[None].to(self.device)
+            result, what = _explained(self.student_cam, x2, int(p_pd >= self.threshold))
+            net = self.student_cam.network
+            student_maps, planes = result.maps.cpu(), projection_planes(image)
+            student = dict(
+                student_image=np.asarray(torch.as_tensor(image).float().cpu()),
+                student_maps=student_maps.numpy(),
+                planes=planes.numpy(),
+                student_title=f"{getattr(net, 'projection', '')} ({getattr(net, 'fusion', '')} fusion), {what}",
+            )
+        teacher_map, teacher_title = None, "teacher"
+        if self.teacher_cam is not None:
+            with torch.no_grad():
+                predicted = int(torch.softmax(self.teacher_cam.network(x3).float(), dim=1)[0, 1] >= self.threshold)
+            result, what = _explained(self.teacher_cam, x3, predicted)
+            teacher_map = result.maps[0].cpu()
+            record.teacher_pd = float(result.probabilities[1])
+            teacher_title = f"Teacher (3D): {what}"
+        shares = attention_metrics(rois, teacher_map, student_maps, planes)
+        raw = LoadScand(keys="image")({"image": record.image})["image"]
+        try:
+            sbr = compute_sbr(raw[0], raw.affine)
+            record.sbr = {k: round(float(sbr[k]), 4) for k in (*REPORT_SBR_FEATURES, "lowest_putamen")}
+        except ValueError as e:
+            record.warnings.append(f"SBR not computable: {e}")
+        offset = _uptake_offset_mm(volume, np.asarray(rois["striatum"]))
+        if offset > _OFFSET_WARNING_MM:
+            record.warnings.append(
+                f"the striatal uptake lies {offset:.0f} mm from the template striatum: the scan may not be in MNI"
+                " space, so SBRs and outlines are unreliable."
+            )
+        meta_warnings = image.meta.get("warnings") if isinstance(image, MetaTensor) else None
+        if meta_warnings:
+            record.warnings += [str(w) for w in np.atleast_1d(meta_warnings)]
+        png = self.output_dir / "scans" / f"{record.name}.png"
+        render_scan_report(
+            png,
+            record.name,
+            volume[0].cpu().numpy(),
+            rois,
+            teacher_map=None if teacher_map is None else teacher_map.numpy(),
+            teacher_title=teacher_title,
+            attention=shares,
+            student_pd=record.student_pd,
+            teacher_pd=record.teacher_pd,
+            sbr=record.sbr or None,
+            ranges=self.ranges,
+            warnings=record.warnings,
+            notes=[n for n in self.notes if n.startswith("No teacher")],
+            **student,
+        )
+        record.png = f"scans/{png.name}"
+
+    def _on_completed(self, engine: Engine) -> None:
+        if self.datalist is not None:
+            seen = {os.path.abspath(r.image) for r in self.records}
+            for entry in self.datalist:
+                path = str(entry["image"])
+                if os.path.abspath(path) in seen:
+                    continue
+                record = ScanRecord(image=path, name=self._unique_name(path))
+                try:
+                    self.preprocess({"image": path})
+                    record.error = "no prediction was produced for this scan."
+                except Exception as e:  # noqa: BLE001 - the reason is what the row shows
+                    reason = find_input_error(e) or e
+                    record.error = str(reason).strip().splitlines()[0] if str(reason).strip() else type(e).__name__
+                self.records.append(record)
+        index = write_index(self.output_dir, self.records, notes=self.notes)
+        engine.logger.info(f"report of {len(self.records)} scans written to {index}")
