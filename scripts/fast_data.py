@@ -69,7 +69,9 @@ def cached_dataset(
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
         return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
-    return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress)
+    return CacheDataset(
+        data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress
+    )
 
 
 def stacking_problem(dataset: Any) -> str | None:
@@ -174,7 +176,10 @@ class StackedCache(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[Hashable, Any]:
         """One item (plain tensors, numbers as 0-d tensors), as the single-item form of :meth:`__getitems__`."""
         batch = self.__getitems__([index])
-        return {k: (v[0] if isinstance(v, (torch.Tensor, list)) else {n: m[0] for n, m in v.items()}) for k, v in batch.items()}
+        return {
+            k: v[0] if isinstance(v, (torch.Tensor, list)) else {n: m[0] for n, m in v.items()}
+            for k, v in batch.items()
+        }
 
 
 def _plain(value: torch.Tensor) -> torch.Tensor:
