@@ -202,7 +202,7 @@ class CacheBatchLoader(DataLoader):
 
     Otherwise (``stack=False``, a ``PersistentDataset``, random transforms, ``cache_rate < 1``) it is MONAI's
     ``DataLoader`` over ``dataset`` with ``num_workers`` workers and ``list_data_collate``; a requested stacking
-    that is not possible is reported once with a ``UserWarning`` naming the reason.
+    that is not possible for a ``CacheDataset`` is reported with a ``UserWarning`` naming the reason.
 
     Args:
         dataset: the training or validation dataset (typically from :func:`cached_dataset`).
@@ -232,7 +232,7 @@ class CacheBatchLoader(DataLoader):
             problem = stacking_problem(dataset)
             if problem is None:
                 self.stacked = StackedCache(dataset, device)
-            else:
+            elif isinstance(dataset, CacheDataset):  # a disk cache or a plain Dataset is a choice, not a surprise
                 warnings.warn(f"batches are collated item by item: {problem}.", stacklevel=2)
         if self.stacked is not None:
             kwargs.pop("collate_fn", None)
