@@ -136,24 +136,37 @@ class StackedCache(torch.utils.data.Dataset):
             values = [item[key] for item in items]
             if all(isinstance(v, torch.Tensor) for v in values):
                 shapes = {tuple(v.shape) for v in values}
-                if len(shapes) > 1:
-                    raise ValueError(f"cannot stack the cache: {key!r} has several shapes {sorted(shapes)[:3]}.")
-                self.tensors[key] = torch.stack([_plain(v) for v in values]).to(self.device).contiguous()
+                dtypes = {v.dtype for v in values}
+                if len(shapes) > 1 or len(dtypes) > 1:
+                    found = sorted(map(str, shapes | dtypes))[:4]
+                    raise ValueError(f"cannot stack the cache: {key!r} has several shapes or dtypes {found}.")
                 metas = [v.meta for v in values if isinstance(v, MetaTensor)]
                 if len(metas) == len(values) and all(m.get(FILENAME) for m in metas):
                     self.names[key] = [str(m[FILENAME]) for m in metas]
+                del values
+                self.tensors[key] = self._stack_in_place(items, dataset, key, self.device)
             elif all(isinstance(v, (bool, int, float)) for v in values):
                 self.tensors[key] = torch.as_tensor(values).to(self.device)
             else:
                 self.lists[key] = values
-        for i, item in enumerate(dataset._cache):  # the cache now holds views of the stack (one copy of the data)
-            for key, stacked in self.tensors.items():
-                value = item[key]
-                if isinstance(value, MetaTensor):
-                    item[key] = MetaTensor(stacked[i], meta=value.meta, applied_operations=value.applied_operations)
-                elif isinstance(value, torch.Tensor):
-                    item[key] = stacked[i]
         self._length = len(items)
+
+    @staticmethod
+    def _stack_in_place(items: list, dataset: CacheDataset, key: Hashable, device: torch.device) -> torch.Tensor:
+        """Copy ``item[key]`` of every cached item into one ``(N, *shape)`` tensor on ``device``, replacing each
+        cached value by its view as it goes, so that at most one item is held twice at any time."""
+        first = items[0][key]
+        stacked = torch.empty((len(items), *first.shape), dtype=first.dtype, device=device)
+        for i, item in enumerate(items):
+            value = item[key]
+            stacked[i].copy_(_plain(value))
+            view = stacked[i]
+            if isinstance(value, MetaTensor):
+                view = MetaTensor(view, meta=value.meta, applied_operations=value.applied_operations)
+            item[key] = view
+            if dataset._cache[i] is not item:
+                dataset._cache[i][key] = view
+        return stacked
 
     def __len__(self) -> int:
         return self._length

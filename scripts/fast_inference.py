@@ -25,7 +25,6 @@ entropy), another intensity mode, or another interpolation.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -291,9 +290,3 @@ class PartialPreprocessing(Compose):
         for t in self._after:
             d = t(d)
         return d
-
-    @staticmethod
-    def cost_fraction(planes: Mapping[int, Sequence[int]], size: Sequence[int]) -> float:
-        """Share of the grid's voxels that the partial path resamples."""
-        total = math.prod(int(s) for s in size)
-        return sum(len(v) * total // int(size[a]) for a, v in planes.items()) / total

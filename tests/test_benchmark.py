@@ -247,3 +247,16 @@ def test_epoch_timer_counts_scans_and_iterations_of_each_epoch():
 def test_unknown_case_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown case kind 'nope'"):
         run_case({"kind": "nope"})
+
+
+def test_markdown_tables_replace_only_the_marked_block_of_a_page(report, tmp_path):
+    from scripts.benchmark.report import MARKERS, write_markdown
+
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Title\n\ntext before\n\n{MARKERS[0]}\nold tables\n{MARKERS[1]}\n\ntext after\n")
+    write_markdown(report, page)
+    text = page.read_text()
+    assert text.startswith("# Title\n\ntext before\n") and text.endswith(f"{MARKERS[1]}\n\ntext after\n")
+    assert "old tables" not in text and "### Data-path ceiling" in text and "Conditions:" in text
+    write_markdown(report, tmp_path / "tables.md")  # a page without markers: the tables alone
+    assert (tmp_path / "tables.md").read_text().startswith("Conditions:")

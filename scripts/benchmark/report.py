@@ -5,10 +5,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["WIN_THRESHOLD", "GPU_TARGETS", "build_report", "report_tables", "format_report", "markdown_report"]
+__all__ = [
+    "WIN_THRESHOLD",
+    "GPU_TARGETS",
+    "build_report",
+    "report_tables",
+    "format_report",
+    "markdown_report",
+    "write_markdown",
+]
+
+MARKERS = ("<!-- benchmark tables: start -->", "<!-- benchmark tables: end -->")
+"""A page that holds both lines gets the tables written between them (the rest of the page is kept)."""
 
 TEACHER, DISTILL = "train_teacher.json", "distill.json"
 WIN_THRESHOLD = 0.05
@@ -568,3 +581,20 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     if report.get("errors"):
         lines += ["", "Errors: " + "; ".join(f"{k}: {str(v).splitlines()[-1]}" for k, v in report["errors"].items())]
     return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write the Markdown tables to ``path``: between the :data:`MARKERS` lines when the file has them (so that
+    ``--report docs/performance.md`` refreshes the page's tables and keeps its text), else as the whole file."""
+    path = Path(path)
+    tables = markdown_report(report)
+    text = path.read_text() if path.is_file() else ""
+    if MARKERS[0] in text and MARKERS[1] in text:
+        head, rest = text.split(MARKERS[0], 1)
+        tail = rest.split(MARKERS[1], 1)[1]
+        text = f"{head}{MARKERS[0]}\n{tables}{MARKERS[1]}{tail}"
+    else:
+        text = tables
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -3,7 +3,7 @@
 """Throughput, latency and memory of the bundle's training data path, training, distillation and inference.
 
 ``python -m scripts.benchmark [--device cpu|cuda] [--subjects N] [--spatial-size 64] [--threads 1] [--out bench.json]
-[--report docs/performance-tables.md] [--quick]``
+[--report docs/performance.md] [--quick]``
 
 One run measures, on one synthetic phantom set (see :mod:`scripts.benchmark.cases` for each kind of case and
 :func:`scripts.benchmark.plan.plan_cases` for the list):
@@ -20,7 +20,8 @@ One run measures, on one synthetic phantom set (see :mod:`scripts.benchmark.case
 * **fast-path options**, each against its baseline.
 
 Every case runs in a fresh interpreter (peak memory of its own) unless ``--no-isolate`` or ``--quick``. The JSON
-report (``--out``) holds every figure; ``--report`` writes the tables of ``docs/performance.md`` as Markdown.
+report (``--out``) holds every figure; ``--report docs/performance.md`` rewrites that page's tables (between its
+benchmark-table markers) as Markdown, keeping its text.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 
 from scripts.benchmark.cases import DISTILL_CONFIG, bundle_parser, run_case, run_isolated
 from scripts.benchmark.plan import datalist_files, plan_cases
-from scripts.benchmark.report import WIN_THRESHOLD, build_report, format_report, markdown_report
+from scripts.benchmark.report import WIN_THRESHOLD, build_report, format_report, write_markdown
 from scripts.benchmark.timing import cpu_pressure, hardware_info
 
 __all__ = ["main", "parser"]
@@ -92,7 +93,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--case-timeout", type=float, default=1800.0, help="seconds per isolated case")
     p.add_argument("--work-dir", default=None, help="folder for the data and the runs (default: a temporary one)")
     p.add_argument("--out", default="bench.json", help="JSON report path (default bench.json)")
-    p.add_argument("--report", default=None, help="also write the Markdown tables of docs/performance.md here")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="also write the Markdown tables here (between the benchmark-table markers of a page that has them, "
+        "e.g. docs/performance.md)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke mode: 1 timed epoch, 3 latency scans, in-process, small scale cases"
     )
@@ -243,8 +249,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(markdown_report(report))
+        write_markdown(report, args.report)
     print(format_report(report))
     print(f"report written to {out}" + (f", tables to {args.report}" if args.report else ""))
     if own_dir:
