@@ -365,6 +365,7 @@ def _datapath_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
         "batches_per_epoch": batches,
         "batch_size": int(parser.get_parsed_content("batch_size")),
         "ms_per_batch": 1000.0 * epoch_s / batches,
+        "cpu_ms_per_batch": 1000.0 * median(cpu) / batches,
         "bytes_per_batch": nbytes / batches,
         "spatial_size": [int(s) for s in parser.get_parsed_content("spatial_size")],
         "cache_fill_s": fill.wall_s,
