@@ -27,6 +27,7 @@ the distillation engine keys its teacher-output cache on.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -166,6 +167,10 @@ class StackedCache(torch.utils.data.Dataset):
             item[key] = view
             if dataset._cache[i] is not item:
                 dataset._cache[i][key] = view
+            del value
+            if i % 64 == 63:
+                _release_freed_memory()
+        _release_freed_memory()
         return stacked
 
     def __len__(self) -> int:
@@ -193,6 +198,15 @@ class StackedCache(torch.utils.data.Dataset):
             k: v[0] if isinstance(v, (torch.Tensor, list)) else {n: m[0] for n, m in v.items()}
             for k, v in batch.items()
         }
+
+
+def _release_freed_memory() -> None:
+    """Give the memory of freed cached items back to the operating system (glibc ``malloc_trim``), so that the
+    host memory of a stacked cache stays about one copy of the data; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _plain(value: torch.Tensor) -> torch.Tensor:
