@@ -155,7 +155,7 @@ def test_memory_fast_path_entries_targets_and_tables(report):
     assert report["memory"] and all(_positive(m["peak_rss_mb"]) for m in report["memory"].values())
     assert all(m["cuda_peak_mb"] is None for m in report["memory"].values())  # CPU run
     fast = report["fast_path"]
-    for name in ("teacher_pipeline_monai", "distill_cache_pipeline_monai", "teacher_pipeline_channels_last"):
+    for name in ("teacher_pipeline_monai", "distill_cache_pipeline_monai", "teacher_pipeline_contiguous"):
         assert _positive(fast[name]["speedup"]) and isinstance(fast[name]["wins"], bool)
     # the MONAI-default cases turn the bundle's data path off: the speed-up is what the bundle's default gains
     monai = fast["teacher_pipeline_monai"]
@@ -163,7 +163,10 @@ def test_memory_fast_path_entries_targets_and_tables(report):
     assert monai["detail"]["stacked_cache"] is False and monai["detail"]["plain_tensor_batch"] is False
     assert report["teacher_training"]["pipeline"]["stacked_cache"] is True
     assert report["teacher_training"]["pipeline"]["plain_tensor_batch"] is True
-    assert fast["teacher_pipeline_channels_last"]["detail"]["teacher_channels_last"] is True
+    assert report["teacher_training"]["pipeline"]["teacher_channels_last"] is True  # the configs' default
+    assert fast["teacher_pipeline_contiguous"]["detail"]["teacher_channels_last"] is False
+    assert fast["distill_nocache_contiguous"]["detail"]["teacher_channels_last"] is False
+    assert report["distillation"]["no_cache"]["raw"]["teacher_channels_last"] is True
     assert "skipped" in fast["amp"]  # CUDA-only
     assert all(isinstance(t["met"], bool) or t["met"] is None for t in report["targets"])
     assert any("overhead" in t["target"] for t in report["targets"])

@@ -54,8 +54,6 @@ TEACHER_CONFIG = "train_teacher.json"
 DISTILL_CONFIG = "distill.json"
 STUDENT_INFERENCE = ("inference.json",)
 TEACHER_INFERENCE = ("inference.json", "inference_teacher.json")
-TEACHER_CHANNELS_LAST = "$@network_def.to(@device, memory_format=torch.channels_last_3d)"
-"""``network`` of ``train_teacher.json`` with the 3D teacher's weights in channels-last (NDHWC) layout."""
 
 
 def bundle_parser(config_files: Sequence[str], overrides: Mapping[str, Any] | None = None):
@@ -155,13 +153,21 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
         "stacked_cache": getattr(trainer.data_loader, "stacked", None) is not None,
         "plain_tensor_batch": bool(getattr(trainer.prepare_batch, "enabled", False)),
         "amp": bool(trainer.amp),
-        "teacher_channels_last": spec["overrides"].get("network") == TEACHER_CHANNELS_LAST,
+        "teacher_channels_last": _is_channels_last_3d(getattr(trainer, "teacher", None) or trainer.network),
         "train_handlers": handlers,
     }
     cache = getattr(trainer, "teacher_cache", None)
     if hasattr(trainer, "kd_enabled"):
         result["teacher_cache"] = None if cache is None else {"hits": cache.hits, "misses": cache.misses}
     return result
+
+
+def _is_channels_last_3d(network: torch.nn.Module | None) -> bool:
+    """Whether the first 3D convolution weight with more than one input channel is in channels-last layout."""
+    for p in network.parameters() if network is not None else ():
+        if p.dim() == 5 and p.shape[1] > 1:
+            return bool(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous())
+    return False
 
 
 def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -195,16 +201,14 @@ def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     else:
         in_shape = (1, *spatial)
     teacher = None
-    if student and spec.get("teacher_forward"):
-        teacher = parser.get_parsed_content("teacher_def").to(device).eval()
+    if student and spec.get("teacher_forward"):  # the config's frozen teacher (its layout included)
+        teacher = parser.get_parsed_content("teacher").to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     memory_format = None
-    if spec.get("channels_last"):
+    if spec.get("channels_last"):  # an option on top of the config (the 3D teacher's layout is a config switch)
         memory_format = torch.channels_last if student else torch.channels_last_3d
         network.to(memory_format=memory_format)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last_3d)
     model = torch.compile(network) if spec.get("compile") else network
     amp = bool(spec.get("amp")) and device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -219,8 +223,6 @@ def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
             x = x.contiguous(memory_format=memory_format)
         y = (torch.arange(b) % num_classes).to(device)
         volume = torch.rand((b, 1, *spatial), generator=generator).to(device) if teacher is not None else None
-        if volume is not None and memory_format is not None:
-            volume = volume.contiguous(memory_format=torch.channels_last_3d)
         cached = (None, None)
         if student and teacher is None:  # teacher outputs as read from the cache
             cached = (
@@ -294,6 +296,7 @@ def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         "scans_per_epoch": n,
         "iterations_per_epoch": len(batches),
         "channels_last": bool(spec.get("channels_last")),
+        "teacher_channels_last": _is_channels_last_3d(teacher if student else network),
         "compile": bool(spec.get("compile")),
         "amp": amp,
         "amp_dtype": str(amp_dtype).replace("torch.", "") if amp else None,

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scripts.benchmark.cases import DISTILL_CONFIG, TEACHER_CHANNELS_LAST, TEACHER_CONFIG, bundle_parser
+from scripts.benchmark.cases import DISTILL_CONFIG, TEACHER_CONFIG, bundle_parser
 
 __all__ = ["plan_cases", "datalist_files", "fixed_centres", "scale_datalist", "MONAI_DEFAULT", "TINY_GRID"]
 
@@ -264,22 +264,34 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
         option="bundle data path vs MONAI defaults, distillation with teacher cache",
         inverse=True,
     )
+    contiguous = {"channels_last": False}
     pipeline(
-        "teacher_pipeline_channels_last",
+        "teacher_pipeline_contiguous",
         TEACHER_CONFIG,
         "fast",
-        overrides={"network": TEACHER_CHANNELS_LAST},
+        overrides=contiguous,
         baseline="teacher_pipeline",
-        option="3D teacher in channels-last (NDHWC) layout",
+        option="3D teacher in channels-last (NDHWC) layout vs contiguous, teacher training",
+        inverse=True,
+    )
+    pipeline(
+        "distill_nocache_contiguous",
+        DISTILL_CONFIG,
+        "fast",
+        overrides={**nocache, **contiguous},
+        baseline="distill_nocache_pipeline",
+        option="frozen 3D teacher channels-last vs contiguous, distillation without teacher cache",
+        inverse=True,
     )
     raw(
-        "teacher_raw_channels_last",
+        "teacher_raw_contiguous",
         TEACHER_CONFIG,
         "teacher",
         "fast",
-        channels_last=True,
+        overrides=contiguous,
         baseline="teacher_raw",
-        option="channels-last, raw teacher step",
+        option="3D teacher channels-last vs contiguous, raw teacher step",
+        inverse=True,
     )
     raw(
         "distill_cache_raw_channels_last",
@@ -288,7 +300,7 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
         "fast",
         channels_last=True,
         baseline="distill_cache_raw",
-        option="channels-last, raw student step",
+        option="2D student channels-last (an option, off in the configs), raw student step",
     )
     if args.compile:
         raw(
