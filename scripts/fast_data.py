@@ -28,6 +28,7 @@ the distillation engine keys its teacher-output cache on.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -200,13 +201,20 @@ class StackedCache(torch.utils.data.Dataset):
         }
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def _release_freed_memory() -> None:
     """Give the memory of freed cached items back to the operating system (glibc ``malloc_trim``), so that the
     host memory of a stacked cache stays about one copy of the data; a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _plain(value: torch.Tensor) -> torch.Tensor:
