@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
+from monai.utils import PostFix
 from scripts.errors import InputError, MissingFileError
 from torch import nn
 
@@ -70,8 +71,9 @@ class TeacherOutputCache:
     """Teacher logits and embeddings of each scan, computed once.
 
     The teacher is frozen and, without augmentation of its input, deterministic, so its outputs for a scan
-    never change: the first epoch computes them and later epochs read them from this cache (kept on the
-    training device). Entries are keyed by the scan's file name.
+    never change: the first epoch computes them and later epochs read them from this cache. The entries stay on
+    the device the teacher ran on (the training device), in float32, so a hit costs no host-device copy. Entries
+    are keyed by the scan's file name.
     """
 
     def __init__(self) -> None:
@@ -98,11 +100,15 @@ class TeacherOutputCache:
 
 
 def _scan_keys(batchdata: dict, key: str) -> list[str] | None:
+    """The file names of the scans of ``batchdata[key]``: from its ``MetaTensor`` metadata, or from the
+    ``{key}_meta_dict`` of a batch of plain tensors (:class:`scripts.fast_data.StackedCache`); ``None`` if absent."""
     image = batchdata.get(key)
     if isinstance(image, MetaTensor):
         names = image.meta.get("filename_or_obj")
-        if isinstance(names, (list, tuple)) and len(names) == image.shape[0] and all(names):
-            return [str(n) for n in names]
+    else:
+        names = (batchdata.get(PostFix.meta(key)) or {}).get("filename_or_obj")
+    if isinstance(names, (list, tuple)) and image is not None and len(names) == image.shape[0] and all(names):
+        return [str(n) for n in names]
     return None
 
 
@@ -199,9 +205,12 @@ class DistillationTrainer(SupervisedTrainer):
                 return cached
         if self.teacher_key not in batchdata:
             raise KeyError(f"the batch has no {self.teacher_key!r} (the teacher's 3D input); check the preprocessing.")
-        volume = batchdata[self.teacher_key].to(device, non_blocking=self.non_blocking)
+        volume = batchdata[self.teacher_key]
+        volume = volume.as_tensor() if isinstance(volume, MetaTensor) else volume  # no metadata through the network
+        volume = volume.to(device, non_blocking=self.non_blocking)
         self.teacher.eval()
-        with torch.no_grad():
+        autocast = self.amp and device.type == "cuda"  # as MONAI's iteration: mixed precision on CUDA only
+        with torch.no_grad(), torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
             logits, embedding = self.teacher.forward_with_embedding(volume)
         logits, embedding = logits.float(), embedding.float()
         if keys is not None:

@@ -14,20 +14,11 @@ import math
 import pytest
 import torch
 from ignite.engine import Engine
-from monai.data import CacheDataset, MetaTensor
-from monai.transforms import Compose, Lambdad
-from scripts.benchmark.runner import (
-    EpochTimer,
-    PlainTensorBatch,
-    ReleaseTeacherInput,
-    _parser,
-    _run_isolated,
-    main,
-    percentile,
-    plan_cases,
-    run_case,
-)
-from scripts.engine import TeacherOutputCache
+from scripts.benchmark.cases import run_case, run_isolated
+from scripts.benchmark.plan import plan_cases
+from scripts.benchmark.report import _overhead
+from scripts.benchmark.runner import main, parser
+from scripts.benchmark.timing import EpochTimer, percentile
 from scripts.synthetic.phantom import generate_dataset
 
 N_SCANS, BATCH, PROJECTION = 8, 4, "early_fusion_slices"
@@ -38,10 +29,12 @@ def report(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     out = work / "bench.json"
     argv = ["--quick", "--device", "cpu", "--threads", "1", "--subjects", str(N_SCANS), "--spatial-size", "16"]
-    argv += ["--batch-size", str(BATCH), "--projections", PROJECTION, "--work-dir", str(work), "--out", str(out)]
+    argv += ["--batch-size", str(BATCH), "--overhead-batch-size", str(BATCH), "--projections", PROJECTION]
+    argv += ["--work-dir", str(work), "--out", str(out), "--report", str(work / "tables.md")]
     returned = main(argv)
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))  # the file holds the returned report
+    written["markdown"] = (work / "tables.md").read_text()
     return written
 
 
@@ -51,7 +44,7 @@ def _positive(value) -> bool:
 
 def test_quick_report_has_every_section_and_no_error(report):
     assert set(report) >= {"hardware", "settings", "teacher_training", "distillation", "inference", "memory"}
-    assert set(report) >= {"fast_path", "errors"}
+    assert set(report) >= {"data_path", "overhead", "scale", "fast_path", "targets", "errors"}
     assert report["errors"] == {}
     hw = report["hardware"]
     assert {"cpu_model", "cpu_count", "torch", "monai", "device", "device_name", "torch_num_threads"} <= set(hw)
@@ -94,31 +87,90 @@ def test_validation_is_removed_and_the_teacher_cache_is_used_only_when_enabled(r
     assert _positive(distill["cache_speedup_pipeline"]) and _positive(distill["cache_speedup_raw"])
 
 
-def test_latencies_of_teacher_and_each_projection(report):
-    inference = report["inference"]
-    runs = [inference["teacher"], inference["students"][PROJECTION]]
-    assert runs[0]["input_shape"] == [1, 1, 16, 16, 16]
-    assert runs[1]["input_shape"] == [1, 3, 16, 16]  # three adjacent axial slices
-    for run in runs:
-        assert run["scans"] == 3
-        assert _positive(run["p50_ms"]) and run["p95_ms"] >= run["p50_ms"]
-        assert _positive(run["preprocess_p50_ms"]) and _positive(run["model_p50_ms"])
-    ratio = inference["student_over_teacher_p50"][PROJECTION]
-    assert ratio == pytest.approx(runs[1]["p50_ms"] / runs[0]["p50_ms"])
+def test_data_path_ceiling_of_each_variant_and_its_ratio_to_the_raw_network(report):
+    raw_rates = {
+        "teacher": report["teacher_training"]["raw"]["scans_per_s"],
+        "distill": report["distillation"]["cache"]["raw"]["scans_per_s"],
+    }
+    for model, raw_rate in raw_rates.items():
+        entry = report["data_path"][model]
+        assert entry["raw_scans_per_s"] == raw_rate and {"bundle", "monai"} <= set(entry["variants"])
+        for variant in entry["variants"].values():
+            assert _positive(variant["scans_per_s"]) and variant["batch_size"] == BATCH
+            assert variant["over_raw"] == pytest.approx(variant["scans_per_s"] / raw_rate)
+    assert report["settings"]["datapath_epochs"] == 2
 
 
-def test_memory_and_fast_path_entries(report):
+def test_fixed_per_batch_overhead_from_two_grids(report):
+    for variant in ("bundle", "monai"):
+        o = report["overhead"][variant]
+        assert o["grid"] == 16 and o["tiny_grid"] == 8 and o["batch_size"] == BATCH
+        assert o["bytes_per_batch"] > o["tiny_bytes"] > 0 and _positive(o["ms_per_batch"])
+        assert o["overhead_ms"] is None or 0 <= o["overhead_ms"] <= o["tiny_ms_per_batch"]
+
+
+def test_overhead_separates_the_fixed_cost_from_the_copy():
+    results = {
+        "big": {"ms_per_batch": 5.0, "bytes_per_batch": 4e6},
+        "tiny": {"ms_per_batch": 1.1, "bytes_per_batch": 1e5},
+    }
+    o = _overhead(results, "big", "tiny")  # 3.9 ms for 3.9 MB: 1 GB/s, and 1 ms fixed
+    assert o["overhead_ms"] == pytest.approx(1.0) and o["bandwidth_gb_s"] == pytest.approx(1.0)
+    assert o["copy_share"] == pytest.approx(0.8)
+
+
+def test_latency_and_folder_throughput_of_teacher_and_students(report):
+    rows = {r["name"]: r for r in report["inference"]["rows"]}
+    assert set(rows) == {"teacher", PROJECTION, f"{PROJECTION}_auto"}
+    assert rows[PROJECTION]["partial_resampling"] is True  # the configs' template centre: only the planes read
+    assert rows[f"{PROJECTION}_auto"]["partial_resampling"] is False  # an automatic centre: the whole volume
+    teacher = rows["teacher"]
+    for row in rows.values():
+        assert _positive(row["p50_ms"]) and row["p95_ms"] >= row["p50_ms"]
+        assert _positive(row["preprocess_p50_ms"]) and _positive(row["model_p50_ms"])
+        assert _positive(row["folder_scans_per_s"]) and _positive(row["folder_cpu_ms_per_scan"])
+        if row is not teacher:
+            assert row["cheaper_than_teacher_p50"] == pytest.approx(teacher["p50_ms"] / row["p50_ms"])
+            assert row["folder_over_teacher"] == pytest.approx(
+                row["folder_scans_per_s"] / teacher["folder_scans_per_s"]
+            )
+    decode = report["inference"]["decode"]
+    assert decode["scans"] == 3 and _positive(decode["decode_p50_ms"]) and _positive(decode["load_p50_ms"])
+    assert report["inference"]["latency_teacher"]["input_shape"] == [1, 1, 16, 16, 16]
+
+
+def test_scale_cases_in_memory_and_on_disk(report):
+    scale = {(s["n_scans"], s["spatial_size"], s["cache"]): s for s in report["scale"]}
+    assert {(4, 16, "memory"), (8, 16, "memory"), (4, 32, "memory"), (8, 16, "disk")} == set(scale)
+    for (n, grid, cache), s in scale.items():
+        assert _positive(s["cache_fill_s"]) and _positive(s["scans_per_s"])
+        if cache == "memory":  # the stacked cache: one float32 volume and one int64 label per scan
+            assert s["stacked_cache"] and s["cache_bytes"] == n * (4 * grid**3 + 8)
+        else:
+            assert not s["stacked_cache"] and s["disk_bytes"] > n * 4 * grid**3
+
+
+def test_memory_fast_path_entries_targets_and_tables(report):
     assert report["memory"] and all(_positive(m["peak_rss_mb"]) for m in report["memory"].values())
     assert all(m["cuda_peak_mb"] is None for m in report["memory"].values())  # CPU run
     fast = report["fast_path"]
-    for name in ("teacher_pipeline_threadloader", "distill_cache_release", "distill_cache_plain"):
+    for name in ("teacher_pipeline_monai", "distill_cache_pipeline_monai", "teacher_pipeline_contiguous"):
         assert _positive(fast[name]["speedup"]) and isinstance(fast[name]["wins"], bool)
-        assert fast[name]["speedup"] == pytest.approx(fast[name]["scans_per_s"] / fast[name]["baseline_scans_per_s"])
-    assert fast["teacher_pipeline_threadloader"]["detail"]["dataloader"] == "ThreadDataLoader"
-    assert fast["distill_cache_plain"]["detail"]["prepare_batch"] == "PlainTensorBatch"
-    # the released teacher input did not break the cache lookups of the timed epoch
-    assert fast["distill_cache_release"]["detail"]["teacher_cache"] == {"hits": N_SCANS, "misses": N_SCANS}
+    # the MONAI-default cases turn the bundle's data path off: the speed-up is what the bundle's default gains
+    monai = fast["teacher_pipeline_monai"]
+    assert monai["inverse"] and monai["speedup"] == pytest.approx(monai["baseline_scans_per_s"] / monai["scans_per_s"])
+    assert monai["detail"]["stacked_cache"] is False and monai["detail"]["plain_tensor_batch"] is False
+    assert report["teacher_training"]["pipeline"]["stacked_cache"] is True
+    assert report["teacher_training"]["pipeline"]["plain_tensor_batch"] is True
+    assert report["teacher_training"]["pipeline"]["teacher_channels_last"] is True  # the configs' default
+    assert fast["teacher_pipeline_contiguous"]["detail"]["teacher_channels_last"] is False
+    assert fast["distill_nocache_contiguous"]["detail"]["teacher_channels_last"] is False
+    assert report["distillation"]["no_cache"]["raw"]["teacher_channels_last"] is True
     assert "skipped" in fast["amp"]  # CUDA-only
+    assert all(isinstance(t["met"], bool) or t["met"] is None for t in report["targets"])
+    assert any("overhead" in t["target"] for t in report["targets"])
+    for title in ("Training", "Data-path ceiling", "Fixed per-batch overhead", "Inference", "Scale", "Targets"):
+        assert f"### {title}" in report["markdown"]
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +184,15 @@ def test_isolated_case_reports_its_own_process_memory(five_scans, tmp_path):
     """The default (non-quick) mode runs each case in a fresh interpreter."""
     images = sorted(str(p) for p in (five_scans / "images").glob("*.nii.gz"))
     spec = {
-        "name": "inference_teacher",
-        "kind": "inference",
+        "name": "latency_teacher",
+        "kind": "latency",
         "model": "teacher",
         "device": "cpu",
         "overrides": {"bundle_root": str(tmp_path), "spatial_size": [16, 16, 16], "device": "$torch.device('cpu')"},
         "files": images[:3],
         "warmup": 1,
     }
-    result = _run_isolated(spec, tmp_path, timeout=300)
+    result = run_isolated(spec, tmp_path, timeout=300)
     assert "error" not in result, result.get("error")
     assert result["scans"] == 2 and _positive(result["p50_ms"])
     assert _positive(result["peak_rss_mb"]) and result["peak_rss_mb"] >= result["rss_at_start_mb"]
@@ -148,18 +200,21 @@ def test_isolated_case_reports_its_own_process_memory(five_scans, tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_plan_guards_cuda_only_options_and_follows_the_arguments(five_scans, tmp_path, device):
-    args = _parser().parse_args(["--device", device, "--projections", "entropy", "single_slice", "--batch-size", "2"])
+    args = parser().parse_args(["--device", device, "--projections", "entropy", "single_slice", "--batch-size", "2"])
+    args.work_dir_resolved = str(tmp_path)
     cases = {c["name"]: c for c in plan_cases(args, five_scans, tmp_path)}
-    gpu_only = {n for n in cases if n.endswith(("_amp", "_cudnn_benchmark"))}
+    gpu_only = {n for n in cases if n.endswith(("_amp", "_fp32", "_cudnn_benchmark", "_host"))}
     assert bool(gpu_only) == (device == "cuda")
-    assert {"inference_entropy", "inference_single_slice"} <= set(cases)
+    assert {"latency_entropy", "latency_single_slice_auto", "folder_entropy", "folder_teacher"} <= set(cases)
+    assert cases["latency_single_slice_auto"]["overrides"]["slice_centre"] == "auto"
+    assert {c["n_scans"] for c in cases.values() if c["kind"] == "scale"} == {100, 300, 1000, 3000}
     assert cases["distill_cache_pipeline"]["overrides"]["projection"] == "entropy"  # the first projection
     assert cases["distill_cache_pipeline"]["overrides"]["cache_teacher_outputs"] is True
     assert cases["distill_nocache_pipeline"]["overrides"]["cache_teacher_outputs"] is False
-    assert all(c["overrides"].get("batch_size", 2) == 2 for c in cases.values())
+    assert all(c["overrides"].get("batch_size", 2) == 2 for c in cases.values() if c["kind"] in ("pipeline", "raw"))
     assert cases["teacher_raw"]["n_scans"] == 5 and cases["teacher_raw"]["batch_size"] == 2
     assert all(c["device"] == device for c in cases.values())
-    assert len(cases["inference_teacher"]["files"]) == 20 + 2  # cycled over the five scans
+    assert len(cases["latency_teacher"]["files"]) == 20 + 2  # cycled over the five scans
     for case in cases.values():
         if case.get("group") == "fast":
             assert case["baseline"] in cases
@@ -191,52 +246,21 @@ def test_epoch_timer_counts_scans_and_iterations_of_each_epoch():
     assert all(s >= sum(times) for s, times in zip(timer.seconds, timer.iteration_seconds))
 
 
-def _volume_dataset(n: int) -> CacheDataset:
-    items = [
-        {"image_3d": MetaTensor(torch.rand(1, 6, 6, 6), meta={"filename_or_obj": f"scan{i}.nii.gz"}), "label": i % 2}
-        for i in range(n)
-    ]
-    return CacheDataset(items, transform=Compose([Lambdad("label", lambda x: x)]), progress=False)
-
-
-def test_release_teacher_input_waits_until_every_scan_is_cached():
-    dataset = _volume_dataset(3)
-    engine = Engine(lambda e, b: None)
-    engine.teacher_cache = TeacherOutputCache()
-    handler = ReleaseTeacherInput(dataset, key="image_3d")
-    engine.teacher_cache.put(["scan0.nii.gz", "scan1.nii.gz"], torch.zeros(2, 2), torch.zeros(2, 4))
-    handler(engine)  # one scan not cached yet: the volumes stay
-    assert not handler.released and all(dataset[i]["image_3d"].shape == (1, 6, 6, 6) for i in range(3))
-    engine.teacher_cache.put(["scan2.nii.gz"], torch.zeros(1, 2), torch.zeros(1, 4))
-    handler(engine)
-    assert handler.released
-    for i in range(3):
-        volume = dataset[i]["image_3d"]
-        assert volume.shape == (1, 1, 1, 1) and volume.meta["filename_or_obj"] == f"scan{i}.nii.gz"
-
-
-def test_release_teacher_input_does_nothing_without_a_teacher_cache():
-    dataset = _volume_dataset(2)
-    engine = Engine(lambda e, b: None)
-    engine.teacher_cache = None
-    handler = ReleaseTeacherInput(dataset)
-    handler(engine)
-    assert not handler.released and dataset[0]["image_3d"].shape == (1, 6, 6, 6)
-    with pytest.raises(TypeError, match="CacheDataset"):
-        ReleaseTeacherInput([{"image_3d": torch.zeros(1)}])
-
-
-def test_plain_tensor_batch_strips_metadata_but_not_values():
-    image = MetaTensor(torch.arange(8.0).reshape(2, 1, 2, 2), meta={"filename_or_obj": ["a", "b"]})
-    batch = {"image": image, "label": torch.tensor([0, 1]), "image_3d": image}
-    x, y = PlainTensorBatch()(batch, torch.device("cpu"))
-    assert type(x) is torch.Tensor and type(y) is torch.Tensor
-    assert torch.equal(x, torch.arange(8.0).reshape(2, 1, 2, 2)) and torch.equal(y, torch.tensor([0, 1]))
-    assert isinstance(batch["image_3d"], MetaTensor)  # the batch itself is untouched
-    x, _ = PlainTensorBatch(enabled=False)(batch, torch.device("cpu"))
-    assert isinstance(x, MetaTensor) and x.meta["filename_or_obj"] == ["a", "b"]  # MONAI's default behaviour
-
-
 def test_unknown_case_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown case kind 'nope'"):
         run_case({"kind": "nope"})
+
+
+def test_markdown_tables_replace_only_the_marked_block_of_a_page(report, tmp_path):
+    from scripts.benchmark.report import MARKERS, report_tables, write_markdown
+
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Title\n\ntext before\n\n{MARKERS[0]}\nold tables\n{MARKERS[1]}\n\ntext after\n")
+    write_markdown(report, page)
+    text = page.read_text()
+    assert text.startswith("# Title\n\ntext before\n") and text.endswith(f"{MARKERS[1]}\n\ntext after\n")
+    assert "old tables" not in text and "### Data-path ceiling" in text and "Conditions:" in text
+    for title, header, rows in report_tables(report):
+        assert rows and all(len(row) == len(header) for row in rows), title
+    write_markdown(report, tmp_path / "tables.md")  # a page without markers: the tables alone
+    assert (tmp_path / "tables.md").read_text().startswith("<!-- generated by python -m scripts.benchmark")

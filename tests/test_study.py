@@ -120,7 +120,8 @@ def test_kd_and_nokd_students_of_one_seed_share_initialisation_and_data_order(ti
             trainer = wf.parser.get_parsed_content("train#trainer")  # builds everything, in the order run() does
             weights = [v.clone() for v in wf.parser.get_parsed_content("network").state_dict().values()]
             rng = torch.random.get_rng_state()
-            order = list(next(iter(trainer.data_loader))["image"].meta["filename_or_obj"])
+            first = next(iter(trainer.data_loader))  # plain-tensor batches keep the file names in image_meta_dict
+            order = list(first["image_meta_dict"]["filename_or_obj"])
             states[kd] = (weights, rng, order)
     finally:
         os.chdir(cwd)

@@ -5,4 +5,4 @@
 from scripts.benchmark.runner import main
 
 outcome = main()
-raise SystemExit(0 if isinstance(outcome, (int, dict)) else 1)
+raise SystemExit(1 if isinstance(outcome, dict) and outcome.get("errors") else 0)
