@@ -566,20 +566,17 @@ def test_in_memory_calibration_matches_the_written_files(study_data, capsys):
     assert "threshold_train_test" not in out  # all scans are in test: nothing to fit on
 
 
+def _subtype(subject) -> str:
+    if subject.label == 0:
+        return "HC"
+    if subject.latents.is_mild:
+        return "mild"
+    return "unilateral" if subject.latents.is_unilateral else "bilateral"
+
+
 def _subtype_ai(subjects, table) -> dict[str, float]:
     ai = table["putamen_ai"]
-    kind = np.array(
-        [
-            "HC"
-            if s.label == 0
-            else "mild"
-            if s.latents.is_mild
-            else "unilateral"
-            if s.latents.is_unilateral
-            else "bilateral"
-            for s in subjects
-        ]
-    )
+    kind = np.array([_subtype(s) for s in subjects])
     return {k: float(ai[kind == k].mean()) for k in ("HC", "mild", "unilateral", "bilateral")}
 
 

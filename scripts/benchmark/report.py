@@ -210,20 +210,20 @@ def _inference_section(cases: Sequence[Mapping], results: Mapping[str, dict]) ->
                 "p95_ms": lat.get("p95_ms"),
                 "preprocess_p50_ms": lat.get("preprocess_p50_ms"),
                 "model_p50_ms": lat.get("model_p50_ms"),
-                "cheaper_than_teacher_p50": _ratio(teacher_p50, lat.get("p50_ms"))
-                if spec["model"] != "teacher"
-                else None,
-                "cheaper_bound_free_network": _ratio(teacher_p50, lat.get("preprocess_p50_ms"))
-                if spec["model"] != "teacher"
-                else None,
+                "cheaper_than_teacher_p50": (
+                    _ratio(teacher_p50, lat.get("p50_ms")) if spec["model"] != "teacher" else None
+                ),
+                "cheaper_bound_free_network": (
+                    _ratio(teacher_p50, lat.get("preprocess_p50_ms")) if spec["model"] != "teacher" else None
+                ),
                 "folder_scans_per_s": folder.get("scans_per_s"),
                 "folder_cpu_ms_per_scan": folder.get("cpu_ms_per_scan"),
-                "folder_over_teacher": _ratio(folder.get("scans_per_s"), teacher_rate)
-                if spec["model"] != "teacher"
-                else None,
-                "folder_cpu_cheaper_than_teacher": _ratio(teacher_cpu, folder.get("cpu_ms_per_scan"))
-                if spec["model"] != "teacher"
-                else None,
+                "folder_over_teacher": (
+                    _ratio(folder.get("scans_per_s"), teacher_rate) if spec["model"] != "teacher" else None
+                ),
+                "folder_cpu_cheaper_than_teacher": (
+                    _ratio(teacher_cpu, folder.get("cpu_ms_per_scan")) if spec["model"] != "teacher" else None
+                ),
                 "folder_workers": folder.get("num_workers"),
                 "folder_batch_size": folder.get("batch_size"),
             }
