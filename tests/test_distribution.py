@@ -47,6 +47,7 @@ WRITING_HANDLERS = {
     "TensorBoardStatsHandler",
     "ignite.handlers.ProgressBar",
     "CheckpointSaver",
+    "scripts.checkpoints.BestCheckpointSaver",
     "scripts.handlers.PublishCheckpoint",
 }
 # handlers that take part in training (or gather across ranks before rank 0 writes); they must run on every rank
@@ -381,7 +382,7 @@ def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_pat
     scans = tmp_path / "scans"
     rng = np.random.default_rng(0)
     for i in range(2):
-        write_nifti(scans / f"scan{i}.nii.gz", rng.random((24, 28, 24)).astype(np.float32))
+        write_nifti(scans / f"scan{i}.nii.gz", rng.random((91, 109, 91)).astype(np.float32))  # the MNI 2 mm grid
 
     with _http_server(serve) as port:
         base = f"http://127.0.0.1:{port}"
