@@ -44,6 +44,7 @@ from monai.data import Dataset, MetaTensor, load_decathlon_datalist
 from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import look_up_option
 
+from scripts.anatomy import MNI_2MM_SHAPE
 from scripts.errors import InputError
 
 __all__ = [
@@ -118,6 +119,8 @@ def validate_datalist(entries: Sequence[Mapping], source: str, check_files: bool
         where = f"{source}, entry {i} ({item['image']})"
         if check_files and not os.path.exists(item["image"]):
             raise DatalistError(f"{where}: image file not found.")
+        if check_files and not (os.path.isfile(item["image"]) or _is_dicom_series(Path(item["image"]))):
+            raise DatalistError(f"{where}: not a scan (a NIfTI file or a folder holding a DICOM series).")
         if "label" in item:
             item["label"] = _parse_label(item["label"], where)
         if item.get("subject") in (None, ""):
@@ -201,8 +204,14 @@ def load_datalist(
     path = Path(datalist_file)
     if not path.is_file():
         raise DatalistError(f"datalist file {path} not found.")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DatalistError(
+            f"datalist file {path} starts with a byte-order mark, which JSON readers (MONAI's too) refuse; save it as "
+            "UTF-8 without BOM."
+        )
     try:
-        content = json.loads(path.read_text(encoding="utf-8-sig"))
+        content = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatalistError(f"datalist file {path} is not valid JSON: {e}") from None
     if not isinstance(content, dict) or not isinstance(content.get(split), list):
@@ -215,7 +224,11 @@ def load_datalist(
             raise DatalistError(f"{path} [{split}], entry {i}: 'image' must be a file path, got {entry['image']!r}.")
     if require_labels:
         check_splits(content, str(path), path.parent.resolve())
-    entries = load_decathlon_datalist(path, is_segmentation=False, data_list_key=split, base_dir=path.parent.resolve())
+    entries = (
+        load_decathlon_datalist(path, is_segmentation=False, data_list_key=split, base_dir=path.parent.resolve())
+        if content[split]
+        else []
+    )
     entries = validate_datalist(entries, f"{path} [{split}]")
     if require_labels:
         for i, item in enumerate(entries):
@@ -420,7 +433,10 @@ def build_datalist(
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+    try:
+        return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+    except OSError:  # unreadable folder
+        return False
 
 
 def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
@@ -438,8 +454,12 @@ def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
         if split == "all":
             content = json.loads(p.read_text())
             splits = [s for s in SPLITS if isinstance(content.get(s), list)]
-            return [e for s in splits for e in load_datalist(p, s, require_labels=False, fields=["image"])]
-        return load_datalist(p, split, require_labels=False, fields=["image"])
+            scans = [e for s in splits for e in load_datalist(p, s, require_labels=False, fields=["image"])]
+        else:
+            scans = load_datalist(p, split, require_labels=False, fields=["image"])
+        if not scans:
+            raise DatalistError(f"{p}: no scans in {split!r} to run inference on.")
+        return scans
     if p.is_file():
         if not str(p).endswith((".nii", ".nii.gz")):
             raise DatalistError(f"{p}: expected a .nii/.nii.gz file, a DICOM series folder, a folder or a datalist.")
@@ -455,7 +475,7 @@ def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 # preprocessing
 # --------------------------------------------------------------------------------------------------------------------
-MNI_SHAPE = (91, 109, 91)
+MNI_SHAPE = MNI_2MM_SHAPE
 """The expected grid: MNI152 at 2 mm (what PPMI's processed DaTscan volumes use)."""
 MNI_VOXEL_MM = 2.0
 VOXEL_MM_RANGE = (1.0, 4.0)
@@ -565,9 +585,12 @@ def dicom_series_problems(folder: str | os.PathLike, n_slices: int) -> list[str]
         if spacing <= 0 or np.any(steps < 0.5 * spacing):
             problems.append("slices share a position (duplicate slices)")
         elif np.any(steps > 1.5 * spacing):
-            gap = float(np.max(steps))
-            missing = int(round(gap / spacing)) - 1
-            problems.append(f"about {missing} slice(s) missing (a gap of {gap:g} mm; slice spacing {spacing:g} mm)")
+            gaps = steps[steps > 1.5 * spacing]
+            missing = int(sum(round(g / spacing) - 1 for g in gaps))
+            problems.append(
+                f"about {missing} slice(s) missing ({len(gaps)} gap(s), the largest {float(gaps.max()):g} mm; "
+                f"slice spacing {spacing:g} mm)"
+            )
     return problems
 
 

@@ -139,7 +139,29 @@ def install_cli_excepthook(debug: Any = False) -> bool:
     _state["debug"] = isinstance(debug, bool) and debug or str(debug).strip().lower() == "true"
     sys.excepthook = _hook
     if not _state["debug"]:
-        for handler in logging.getLogger().handlers:
-            if not any(isinstance(f, CliLogFilter) for f in handler.filters):
-                handler.addFilter(CliLogFilter())
+        _filter_log_handlers(CliLogFilter())
     return True
+
+
+def _filter_log_handlers(log_filter: logging.Filter) -> None:
+    """Add ``log_filter`` to the handlers of the root logger and of every logger created so far.
+
+    MONAI's ``StatsHandler`` logs through its own logger (``monai.handlers.StatsHandler``, with its own stdout
+    handler, not propagating), created when the handler is built, after this runs: it is created here first, the way
+    MONAI creates it, so that it has its handler (and this filter) already.
+    """
+    import inspect
+
+    from monai.apps.utils import get_logger
+    from monai.handlers import StatsHandler
+
+    name = inspect.signature(StatsHandler.__init__).parameters["name"].default
+    if isinstance(name, str):
+        get_logger(name)
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, type(log_filter)) for f in handler.filters):
+                handler.addFilter(log_filter)

@@ -92,9 +92,6 @@ class Option:
             return "a non-empty string"
         if self.kind == "choice":
             return "one of " + ", ".join(str(c) for c in self._choices())
-        what = {"int": "an integer", "float": "a number", "size3": "a list of three integers, e.g. [64,64,64],"}[
-            self.kind
-        ]
         bounds = []
         if self.minimum is not None:
             bounds.append(f">= {_num(self.minimum)}")
@@ -102,9 +99,10 @@ class Option:
             bounds.append(f"> {_num(self.above)}")
         if self.maximum is not None:
             bounds.append(f"<= {_num(self.maximum)}")
-        if self.kind == "size3" and bounds:
-            return what[:-1] + " each " + " and ".join(bounds)
-        return what + (" " + " and ".join(bounds) if bounds else "")
+        bound = (" " + " and ".join(bounds)) if bounds else ""
+        if self.kind == "size3":
+            return f"three integers{bound}, as in [64,64,64]"
+        return ("an integer" if self.kind == "int" else "a number") + bound
 
     def _choices(self) -> Sequence[Any]:
         return tuple(self.choices()) if callable(self.choices) else tuple(self.choices or ())
@@ -203,7 +201,7 @@ def check_value(name: str, value: Any, option: Option | None = None) -> Any:
 
     def fail(extra: str = "") -> OptionError:
         hint = f" {option.hint}" if option.hint else ""
-        return OptionError(f"option --{name} expects {option.expects()}, got {value!r}{extra}.{hint}".rstrip())
+        return OptionError(f"option --{name} expects {option.expects()}, got {value!r}{extra}{hint}.")
 
     if option.kind == "bool":
         try:
