@@ -63,6 +63,7 @@ __all__ = [
     "DescribedModel",
     "check_checkpoint",
     "check_teacher",
+    "random_transforms_seen_by",
     "claim_run_folder",
     "latest_state",
     "TrainingState",
@@ -383,11 +384,45 @@ def check_checkpoint(
     return info
 
 
+def _flatten(transform: Any) -> list[Any]:
+    from monai.transforms import Compose
+
+    if isinstance(transform, Compose):
+        return [t for inner in transform.transforms for t in _flatten(inner)]
+    if isinstance(transform, (list, tuple)):
+        return [t for inner in transform for t in _flatten(inner)]
+    return [transform]
+
+
+def random_transforms_seen_by(transform: Any, key: str) -> list[str]:
+    """Names of the random (MONAI ``Randomizable``) transforms that change what ends up in ``data[key]``: those
+    before the ``CopyItemsd`` that creates ``key`` (they change the volume it copies) and those applied to ``key``."""
+    from monai.transforms import CopyItemsd, MapTransform, Randomizable
+
+    transforms = _flatten(transform)
+    copied = next(
+        (i for i, t in enumerate(transforms) if isinstance(t, CopyItemsd) and key in tuple(t.names)), len(transforms)
+    )
+    return [
+        type(t).__name__
+        for i, t in enumerate(transforms)
+        if isinstance(t, Randomizable) and (i < copied or (isinstance(t, MapTransform) and key in tuple(t.keys)))
+    ]
+
+
 def check_teacher(parser: Any = None) -> dict[str, Any] | None:
-    """:func:`check_checkpoint` for the teacher of a distillation run (``teacher_ckpt`` into ``teacher_def``, its
-    settings compared, not applied); nothing in a config without ``teacher_ckpt`` or with ``kd_enabled`` false.
+    """Check the teacher of a distillation run before anything is built; nothing in a config without
+    ``teacher_ckpt`` or with ``kd_enabled`` false.
+
+    * :func:`check_checkpoint` of ``teacher_ckpt`` into ``teacher_def``, its settings compared (not applied);
+    * with ``cache_teacher_outputs``, no random transform of the training preprocessing (``train#preprocessing``)
+      may change the teacher's input (:func:`random_transforms_seen_by`): the cache serves the teacher's outputs of
+      the first epoch to every later one, which is right only when the teacher sees the same volume every epoch.
 
     One ``initialize`` step shared by both training configs and the multi-GPU override.
+
+    Raises:
+        OptionError: a random transform with ``cache_teacher_outputs`` true (and the checkpoint's errors).
     """
     from scripts.options import parse_bool
 
@@ -396,6 +431,16 @@ def check_teacher(parser: Any = None) -> dict[str, Any] | None:
         return None
     if not parse_bool(parser.get_parsed_content("kd_enabled"), "kd_enabled"):
         return None
+    if "cache_teacher_outputs" in parser and parse_bool(parser.get_parsed_content("cache_teacher_outputs")):
+        if "train#preprocessing" in parser:
+            key = parser.get("train#trainer#teacher_key", "image_3d")
+            random = random_transforms_seen_by(parser.get_parsed_content("train#preprocessing"), key)
+            if random:
+                raise OptionError(
+                    f"the training transforms hold the random transform(s) {', '.join(random)}: the teacher's "
+                    "outputs cached in the first epoch would be stale in the next ones. Set --cache_teacher_outputs "
+                    "false."
+                )
     return check_checkpoint(
         parser.get_parsed_content("teacher_ckpt"), role="teacher", network_id="teacher_def", parser=parser
     )

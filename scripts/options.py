@@ -311,6 +311,30 @@ def _unused_ids(config: Mapping[str, Any], defined: Mapping[str, list[Any]]) -> 
     return unknown, ignored
 
 
+PROJECTION_IDS = ("projection", "view", "slice_centre", "num_slices", "gap")
+
+
+def _check_projection(values: Mapping[str, Any]) -> None:
+    """The projection settings together: built once as the projection transform, and a multi-view projection
+    needs a cubic grid (its views become channels of one image)."""
+    if not all(k in values for k in PROJECTION_IDS):
+        return
+    from scripts.projections import Projection
+
+    try:
+        transform = Projection(
+            values["projection"], values["view"], values["slice_centre"], values["num_slices"], values["gap"]
+        )
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"projection settings: {e}") from None
+    size = values.get("spatial_size")
+    if "views" in transform.spec.name and isinstance(size, list) and len(set(size)) > 1:
+        raise OptionError(
+            f"option --projection {transform.spec.name} stacks three views as channels and needs a cubic grid; "
+            f"--spatial_size is {size} (use e.g. [64,64,64])."
+        )
+
+
 def check_options(parser: ConfigParser | None = None, options: Iterable[str] | None = None) -> dict[str, Any]:
     """Check the options of the config being run, normalise them in place, refuse unknown ids.
 
@@ -343,6 +367,7 @@ def check_options(parser: ConfigParser | None = None, options: Iterable[str] | N
         checked[name] = value
         if type(value) is not type(config[name]) or value != config[name]:
             updates[name] = value
+    _check_projection({**{k: v for k, v in config.items() if not _is_config_expression(v)}, **checked})
     defined = _defined_ids()
     unknown, ignored = _unused_ids(config, defined)
     if unknown:

@@ -112,6 +112,20 @@ def test_bad_option_values_are_refused_with_one_line(tmp_path, name, value, expe
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"num_slices": 4}, "projection settings: num_slices must be odd"),
+        ({"slice_centre": "middle"}, "projection settings: centre must be"),
+        ({"projection": "entropy_views", "spatial_size": [64, 64, 32]}, "needs a cubic grid; --spatial_size is [64"),
+    ],
+)
+def test_projection_settings_are_checked_together(override, expected):
+    with pytest.raises(OptionError) as err:
+        check_options(_parser("distill.json", **override))
+    assert expected in str(err.value)
+
+
 def test_unknown_override_is_refused_with_the_closest_valid_name():
     with pytest.raises(OptionError, match=r"^--max_epoch is not an option of this bundle; did you mean --max_epochs\?"):
         check_options(_parser("train_teacher.json", max_epoch=0))
@@ -246,6 +260,24 @@ def test_a_teacher_trained_on_another_grid_is_refused_for_distillation(tmp_path)
         check_teacher(_parser("distill.json", bundle_root=str(tmp_path)))
     assert check_teacher(_parser("distill.json", bundle_root=str(tmp_path), spatial_size=[32, 32, 32])) is not None
     assert check_teacher(_parser("distill.json", bundle_root=str(tmp_path), kd_enabled=False)) is None
+
+
+def test_the_teacher_cache_is_refused_when_a_random_transform_changes_the_teachers_input(tmp_path):
+    flip = {"_target_": "RandFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0}
+
+    def parser(order: str, **override):
+        p = _parser("distill.json", bundle_root=str(tmp_path), **override)
+        p["flip"] = flip
+        p["train_transforms"] = f"$@volume_transforms + [{order}, @projection_transform]"
+        return p
+
+    with pytest.raises(OptionError, match=r"random transform\(s\) RandFlipd: the teacher's outputs cached .* stale"):
+        check_teacher(parser("@flip, @keep_volume"))
+    # the same flip after the teacher's copy only changes the student's input: the cache stays valid
+    with pytest.raises(MissingFileError, match="teacher checkpoint .* not found"):
+        check_teacher(parser("@keep_volume, @flip"))
+    with pytest.raises(MissingFileError, match="teacher checkpoint .* not found"):
+        check_teacher(parser("@flip, @keep_volume", cache_teacher_outputs=False))
 
 
 def test_a_run_is_not_resumed_with_other_settings(tmp_path):
