@@ -5,6 +5,7 @@ folders, input checks for messy scans and datalists, streaming predictions."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import json
@@ -586,3 +587,30 @@ def test_read_checkpoint_gives_the_model_of_a_training_state(tmp_path):
     torch.save(state, tmp_path / "state.pt")
     weights, info = read_checkpoint(tmp_path / "state.pt")
     assert "head.weight" in weights and info is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. every error a user can meet is in docs/troubleshooting.md
+# --------------------------------------------------------------------------------------------------------------------
+USER_ERRORS = {"InputError", "DatalistError", "OptionError", "MissingFileError"}
+
+
+def test_every_user_error_is_explained_in_the_troubleshooting_guide():
+    """The leading words of the longest literal part of each user-facing error message appear in the guide."""
+    guide = " ".join((BUNDLE_ROOT / "docs" / "troubleshooting.md").read_text().replace("`", "").split())
+    sources = sorted((BUNDLE_ROOT / "scripts").glob("*.py")) + [BUNDLE_ROOT / "scripts" / "synthetic" / "__init__.py"]
+    missing, found = [], 0
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            call = node.exc if isinstance(node, ast.Raise) else None
+            if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) in USER_ERRORS and call.args):
+                continue
+            parts = [
+                v.value for v in ast.walk(call.args[0]) if isinstance(v, ast.Constant) and isinstance(v.value, str)
+            ]
+            longest = max((" ".join(p.replace("`", "").split()) for p in parts), key=len, default="")
+            key = " ".join(longest.strip(" .:;,()").split()[:4]).strip(" .:;,()")
+            found += 1
+            if key and key not in guide:
+                missing.append(f"{path.name}:{node.lineno}: {key!r}")
+    assert found > 50 and not missing, missing
