@@ -87,12 +87,16 @@ STATE_DIR = "resume"
 """Sub-folder of a run folder holding the per-epoch training state."""
 
 
+def _bundle_metadata() -> dict[str, Any]:
+    try:
+        return dict(json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def bundle_version() -> str:
     """The bundle's version (``configs/metadata.json``)."""
-    try:
-        return str(json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["version"])
-    except (OSError, ValueError, KeyError):
-        return "unknown"
+    return str(_bundle_metadata().get("version", "unknown"))
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -219,7 +223,7 @@ class DescribedModel:
 
     def description(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "bundle": BUNDLE_ROOT.name if (BUNDLE_ROOT / "configs").is_dir() else "bundle",
+            "bundle": str(_bundle_metadata().get("name", "")),
             "bundle_version": bundle_version(),
             "kind": self.kind,
             "network": describe_network(self.network),
@@ -450,8 +454,9 @@ def check_teacher(parser: Any = None) -> dict[str, Any] | None:
 # run folders
 # --------------------------------------------------------------------------------------------------------------------
 def _is_fresh(folder: Path) -> bool:
-    """A folder no run has written into (MONAI's experiment tracking may have put its ``config_*.json`` there)."""
-    return not folder.exists() or all(re.fullmatch(r"config_.*\.json", p.name) for p in folder.iterdir())
+    """A folder no run has written results into: absent, or holding only MONAI's record of the config
+    (``config_*.json``, experiment tracking) and the record of runs that stopped before writing anything."""
+    return not folder.exists() or all(re.fullmatch(r"config_.*\.json|run\.json", p.name) for p in folder.iterdir())
 
 
 def latest_state(folder: str | os.PathLike) -> Path | None:
