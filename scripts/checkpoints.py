@@ -89,7 +89,7 @@ STATE_DIR = "resume"
 
 def _bundle_metadata() -> dict[str, Any]:
     try:
-        return dict(json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text()))
+        return dict(json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return {}
 
@@ -274,7 +274,7 @@ def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> lis
 def _config_defaults() -> dict[str, Any]:
     """The shared settings as ``configs/inference.json`` defines them (the values a user did not change)."""
     try:
-        return json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
+        return json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -516,16 +516,20 @@ def claim_run_folder(output_dir: str | os.PathLike, resume: Any = False, kind: s
         raise OptionError(f"run folder {folder} already holds a run; choose another --run_name{advice}.")
     folder.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "command": sys.argv, "bundle_version": bundle_version()}
-    runs = json.loads((folder / "run.json").read_text()).get("runs", []) if (folder / "run.json").is_file() else []
+    runs = (
+        json.loads((folder / "run.json").read_text(encoding="utf-8")).get("runs", [])
+        if (folder / "run.json").is_file()
+        else []
+    )
     runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": resume, **record})
     tmp = folder / f".run.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"runs": runs}, indent=2))
+    tmp.write_text(json.dumps({"runs": runs}, indent=2), encoding="utf-8")
     os.replace(tmp, folder / "run.json")
 
     def describe() -> str:
         if kind != "training":
             rows = folder / "predictions.csv"
-            done = max(sum(1 for _ in rows.open()) - 1, 0) if rows.is_file() else 0
+            done = max(sum(1 for _ in rows.open(encoding="utf-8")) - 1, 0) if rows.is_file() else 0
             return f"{done} rows written so far are in {rows}."
         latest = latest_state(state_dir)
         if latest is None:

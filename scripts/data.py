@@ -427,7 +427,7 @@ def build_datalist(
     splits["metadata"] = {"source": str(labels_csv), "split_seed": seed, "split_fractions": list(fractions)}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(splits, indent=2))
+    tmp.write_text(json.dumps(splits, indent=2), encoding="utf-8")
     os.replace(tmp, out_file)
     return out_file
 
@@ -452,7 +452,7 @@ def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
         raise DatalistError(f"inference input {p} not found.")
     if p.is_file() and p.suffix == ".json":
         if split == "all":
-            content = json.loads(p.read_text())
+            content = json.loads(p.read_text(encoding="utf-8"))
             splits = [s for s in SPLITS if isinstance(content.get(s), list)]
             scans = [e for s in splits for e in load_datalist(p, s, require_labels=False, fields=["image"])]
         else:
@@ -809,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = build_datalist(args.images, args.labels, args.out, args.split, args.seed, args.overwrite)
     except DatalistError as e:
         parser.exit(2, f"error: {e}\n")
-    content = json.loads(Path(out).read_text())
+    content = json.loads(Path(out).read_text(encoding="utf-8"))
     counts = ", ".join(f"{s}: {len(content[s])}" for s in SPLITS)
     print(f"wrote {out} ({counts})")
     return 0

@@ -39,7 +39,7 @@ def atomic_write_json(path: str | os.PathLike, content: object) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2))
+    tmp.write_text(json.dumps(content, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -248,7 +248,7 @@ class PredictionSaver:
     def _start(self, engine: Engine) -> None:
         self.rows.clear()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with self.csv_path.open("w", newline="") as f:
+        with self.csv_path.open("w", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.FIELDS).writeheader()
 
     def _collect(self, engine: Engine) -> None:
@@ -289,7 +289,7 @@ class PredictionSaver:
         if not new:
             return
         self.rows.extend(new)
-        with self.csv_path.open("a", newline="") as f:
+        with self.csv_path.open("a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.FIELDS).writerows(new)
             f.flush()
 

@@ -266,7 +266,7 @@ def _defined_ids(config_dir: Path = CONFIG_DIR) -> dict[str, list[Any]]:
     defined: dict[str, list[Any]] = {}
     for path in sorted(config_dir.glob("*.json")):
         try:
-            content = json.loads(path.read_text())
+            content = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(content, dict):

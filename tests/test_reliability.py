@@ -184,7 +184,7 @@ def test_a_checkpoint_is_a_flat_state_dict_that_describes_itself(tmp_path):
     assert info["settings"]["projection"] == "early_fusion_slices" and info["settings"]["spatial_size"] == [32] * 3
     assert (
         info["class_names"] == ["HC", "PD"]
-        and info["bundle_version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+        and info["bundle_version"] == json.loads((CONFIGS / "metadata.json").read_text(encoding="utf-8"))["version"]
     )
     assert info["validation"] == {"metric": "val_f1_macro", "score": 0.8, "epoch": 3, "split": "split-a", "scans": 6}
     # every loader of the bundle's tooling reads it as plain weights
@@ -336,7 +336,7 @@ def test_concurrent_publishes_never_mix_or_lose_files(tmp_path):
 def test_a_run_folder_is_never_reused(tmp_path):
     run = tmp_path / "eval" / "teacher"
     claim_run_folder(run)
-    assert json.loads((run / "run.json").read_text())["runs"][0]["kind"] == "training"
+    assert json.loads((run / "run.json").read_text(encoding="utf-8"))["runs"][0]["kind"] == "training"
     (run / "teacher.pt").write_bytes(b"x")
     with pytest.raises(OptionError, match=r"run folder .*teacher already holds a run; choose another --run_name"):
         claim_run_folder(run)
@@ -347,7 +347,7 @@ def test_a_run_folder_is_never_reused(tmp_path):
     (run / "resume").mkdir()
     (run / "resume" / "state_checkpoint_2.pt").write_bytes(b"x")
     claim_run_folder(run, resume=True)
-    assert [r["resumed"] for r in json.loads((run / "run.json").read_text())["runs"]] == [False, True]
+    assert [r["resumed"] for r in json.loads((run / "run.json").read_text(encoding="utf-8"))["runs"]] == [False, True]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def _datalist(tmp_path: Path, n: int = 8) -> dict:
 
 def _write(tmp_path: Path, content: dict) -> Path:
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps(content))
+    path.write_text(json.dumps(content), encoding="utf-8")
     return path
 
 
@@ -523,7 +523,7 @@ def test_label_table_from_a_spreadsheet_is_read(tmp_path):
     names = [f"PPMI_{3000 + i}_NM_S{i}.nii.gz" for i in range(10)]
     rows = "".join(f"{n} ; {'HC' if i % 2 else 'PD'} \r\n" for i, n in enumerate(names))
     images, table = _label_table(tmp_path, "\ufeffImage ; Label \r\n" + rows, names)  # BOM, spaces, ';', CRLF
-    content = json.loads(build_datalist(images, table, tmp_path / "datalist.json").read_text())
+    content = json.loads(build_datalist(images, table, tmp_path / "datalist.json").read_text(encoding="utf-8"))
     entries = [e for s in ("training", "validation", "test") for e in content[s]]
     assert len(entries) == 10 and {e["subject"] for e in entries} == {f"PPMI_{3000 + i}" for i in range(10)}
     for split in ("validation", "test"):
@@ -566,7 +566,7 @@ def test_failed_scans_are_kept_out_of_the_batch_and_given_error_rows(tmp_path):
     engine.state.failed_scans = [{"image": "/x/bad.nii.gz", "reason": "/x/bad.nii.gz: broken."}]
     saver._collect(engine)
     # on disk before the run completes: an interrupted run keeps what it scored
-    with (tmp_path / "predictions.csv").open() as f:
+    with (tmp_path / "predictions.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["pd_probability"] == "0.8" and rows[0]["predicted_label"] == "PD"
     assert rows[0]["warnings"] == "voxels of 4x4x4 mm" and rows[0]["error"] == ""
@@ -597,11 +597,11 @@ USER_ERRORS = {"InputError", "DatalistError", "OptionError", "MissingFileError"}
 
 def test_every_user_error_is_explained_in_the_troubleshooting_guide():
     """The leading words of the longest literal part of each user-facing error message appear in the guide."""
-    guide = " ".join((BUNDLE_ROOT / "docs" / "troubleshooting.md").read_text().replace("`", "").split())
+    guide = " ".join((BUNDLE_ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8").replace("`", "").split())
     sources = sorted((BUNDLE_ROOT / "scripts").glob("*.py")) + [BUNDLE_ROOT / "scripts" / "synthetic" / "__init__.py"]
     missing, found = [], 0
     for path in sources:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             call = node.exc if isinstance(node, ast.Raise) else None
             if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) in USER_ERRORS and call.args):
                 continue

@@ -106,7 +106,7 @@ def test_batch_inference_scores_every_readable_scan_and_reports_each_other_one(t
                      "--input", str(scans), "--run_name", "batch", "--batch_size", "2")  # fmt: skip
     _assert_one_line(result, "error: 3 of 6 scans could not be scored (first: ", "every other scan has its prediction")
     run = student_root / "eval" / "batch"
-    with (run / "predictions.csv").open() as f:
+    with (run / "predictions.csv").open(encoding="utf-8") as f:
         rows = {Path(r["image"]).name: r for r in csv.DictReader(f)}
     assert sorted(rows) == sorted([p.name for p in good] + ["truncated.nii.gz", "zeros.nii.gz", "slab.nii.gz"])
     for path in good:
@@ -115,12 +115,12 @@ def test_batch_inference_scores_every_readable_scan_and_reports_each_other_one(t
     assert "could not be read" in rows["truncated.nii.gz"]["error"]
     assert "empty (all voxels 0)" in rows["zeros.nii.gz"]["error"]
     assert "field of view" in rows["slab.nii.gz"]["error"] and rows["slab.nii.gz"]["pd_probability"] == ""
-    summary = json.loads((run / "predictions.json").read_text())
+    summary = json.loads((run / "predictions.json").read_text(encoding="utf-8"))
     assert (summary["scored"], summary["failed"]) == (3, 3)
 
 
 def test_an_error_during_evaluation_is_one_line_without_tracebacks(tmp_path, data, student_root):
-    content = json.loads((data / "datalist.json").read_text())
+    content = json.loads((data / "datalist.json").read_text(encoding="utf-8"))
     for split in ("training", "validation", "test"):
         for entry in content[split]:
             entry["image"] = str(data / entry["image"])
@@ -128,7 +128,7 @@ def test_an_error_during_evaluation_is_one_line_without_tracebacks(tmp_path, dat
     with gzip.open(broken, "wb") as f:
         f.write(b"\x00" * 400)  # a gzip file that holds no NIfTI header
     content["test"].append({"image": str(broken), "label": 1, "subject": "sub-broken"})
-    (tmp_path / "datalist.json").write_text(json.dumps(content))
+    (tmp_path / "datalist.json").write_text(json.dumps(content), encoding="utf-8")
     configs = "['configs/distill.json','configs/evaluate.json']"
     result = _bundle("run", "--config_file", configs, "--bundle_root", str(student_root), "--datalist_file",
                      str(tmp_path / "datalist.json"), "--synthetic_data", "false", *TINY)  # fmt: skip
@@ -196,7 +196,7 @@ def test_an_interrupted_run_says_where_it_is_and_resumes_to_the_uninterrupted_we
     best_a = torch.load(tmp_path / "a" / "eval" / "run" / "model_nokd.pt", weights_only=True)
     best_b = torch.load(root / "eval" / "run" / "model_nokd.pt", weights_only=True)
     _assert_same_weights(best_a, best_b)
-    runs = json.loads((root / "eval" / "run" / "run.json").read_text())["runs"]
+    runs = json.loads((root / "eval" / "run" / "run.json").read_text(encoding="utf-8"))["runs"]
     assert [r["resumed"] for r in runs] == [False, True]
 
 

@@ -114,7 +114,7 @@ def test_corrupted_volumes_are_scored_only_when_valid_and_never_crash_inference(
     result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=240)
     errors = [line for line in result.stderr.splitlines() if line.strip() and "GHSA-873f-pvrv-4x83" not in line]
     assert result.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: "), result.stderr[-3000:]
-    with (root / "eval" / "fuzz" / "predictions.csv").open() as f:
+    with (root / "eval" / "fuzz" / "predictions.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     by_name = {Path(r["image"]).name: r for r in rows}
     assert len(rows) == len(by_name) == len(expected) and set(by_name) == set(expected)
@@ -203,7 +203,7 @@ def _mutate(content: dict, rng: np.random.Generator) -> object:
 
 def test_corrupted_datalists_load_or_give_a_datalist_error(tmp_path, tiny_phantom_dataset):
     rng = np.random.default_rng(SEED + 2)
-    content = json.loads(tiny_phantom_dataset.read_text())
+    content = json.loads(tiny_phantom_dataset.read_text(encoding="utf-8"))
     for split in SPLITS:
         for entry in content[split]:
             entry["image"] = str(tiny_phantom_dataset.parent / entry["image"])
