@@ -125,8 +125,7 @@ class PublishCheckpoint:
         destination: the bundle file to update, e.g. ``models/teacher.pt``.
         overwrite: publish even when the published model scored better.
 
-    Raises:
-        InputError: at completion, when the run wrote no checkpoint (its validation never ran).
+    A run that wrote no checkpoint (its validation never ran) leaves the destination unchanged, with a warning.
     """
 
     def __init__(self, source: str | os.PathLike, destination: str | os.PathLike, overwrite: bool = False) -> None:
@@ -141,12 +140,13 @@ class PublishCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        logger = getattr(engine, "logger", logging.getLogger(__name__))
+        logger = getattr(engine, "logger", None) or logging.getLogger(__name__)
         if not self.source.is_file():
-            raise InputError(
+            logger.warning(
                 f"training finished without a checkpoint in {self.source}: no validation ran (is val_interval larger "
                 f"than max_epochs?); {self.destination} left unchanged."
             )
+            return
         self.publish(logger)
 
     def publish(self, logger: logging.Logger | None = None) -> bool:

@@ -591,7 +591,8 @@ def _compiled_with_embedding(model: Callable, x: torch.Tensor) -> tuple[torch.Te
 def _inference_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Per-scan latency, batch size 1: NIfTI on disk -> preprocessing (+ projection) -> forward -> softmax."""
     configs = TEACHER_INFERENCE_CONFIGS if spec["model"] == "teacher" else INFERENCE_CONFIGS
-    parser = bundle_parser(configs, spec["overrides"])
+    # the networks as built (no checkpoint to check or load in the config's initialize step)
+    parser = bundle_parser(configs, {"load_pretrain": False, **spec["overrides"]})
     parser.get_parsed_content("initialize")
     preprocessing = parser.get_parsed_content("preprocessing")
     network = parser.get_parsed_content("network").eval()
