@@ -9,6 +9,7 @@ import ast
 import csv
 import hashlib
 import json
+import locale
 import logging
 import multiprocessing
 from pathlib import Path
@@ -411,8 +412,19 @@ def test_a_4d_image_is_reported_with_its_real_shape(tmp_path):
 
 
 def _dicom_series(folder: Path, n_slices: int = 12) -> Path:
-    """A DICOM series written slice by slice with ITK, recording each slice's position (ImagePositionPatient)."""
+    """A DICOM series written slice by slice with ITK, recording each slice's position (ImagePositionPatient).
+
+    GDCM's writer switches the process locale to C; the locale is restored so that later tests are unaffected.
+    """
     itk = pytest.importorskip("itk")
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(itk, folder, n_slices)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(itk, folder: Path, n_slices: int) -> Path:
     folder.mkdir(parents=True)
     volume = (np.random.default_rng(0).random((n_slices, 20, 16)) * 1000).astype(np.int16)  # z, y, x
     for z in range(n_slices):
