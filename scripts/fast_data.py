@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
-import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +40,8 @@ from monai.data.utils import pickle_hashing
 from monai.engines.utils import PrepareBatch, default_prepare_batch
 from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import PostFix
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["cached_dataset", "StackedCache", "CacheBatchLoader", "PlainTensorBatch", "stacking_problem"]
 
@@ -268,7 +270,7 @@ class CacheBatchLoader(DataLoader):
             if problem is None:
                 self.stacked = StackedCache(dataset, device)
             elif isinstance(dataset, CacheDataset):  # a disk cache or a plain Dataset is a choice, not a surprise
-                warnings.warn(f"batches are collated item by item: {problem}.", stacklevel=2)
+                logger.warning(f"batches are collated item by item: {problem}.")
         if self.stacked is not None:
             kwargs.pop("collate_fn", None)
             kwargs.pop("pin_memory", None)

@@ -1,31 +1,38 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Event handlers that MONAI does not ship: checkpoint publishing, streaming per-scan predictions, projection PNGs.
+"""Event handlers that MONAI does not ship: checkpoint publishing, streaming per-scan predictions (with a row for
+every scan that could not be scored), projection PNGs.
 
 Metrics, metric files and checkpoints of a run use MONAI's and ignite's own handlers (see the configs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+from scripts.data import FAILED_KEY, WARNINGS_KEY
+from scripts.errors import InputError
 
-__all__ = ["PublishCheckpoint", "PredictionSaver", "ProjectionPNGSaver", "atomic_write_json"]
+__all__ = ["PublishCheckpoint", "PredictionSaver", "skip_failed_scans", "ProjectionPNGSaver", "atomic_write_json"]
 
 
 def atomic_write_json(path: str | os.PathLike, content: object) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -53,33 +60,120 @@ def _filenames(batch, key: str = "image") -> list[str]:
     return names
 
 
-class PublishCheckpoint:
-    """Copy a run's best checkpoint to the bundle's ``models/`` folder when training completes.
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """An exclusive inter-process lock on ``folder`` itself (POSIX ``flock``; no lock where it is unavailable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
 
-    Each run keeps its own best checkpoint in its run folder (never overwritten by a later run); the copy in
-    ``models/`` is what the other configs, export and MONAI Label load.
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _replace_atomically(source: Path, destination: Path) -> None:
+    """Copy ``source`` over ``destination`` through a uniquely named temporary file in the same folder."""
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, destination)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _score(info: dict | None) -> tuple[str | None, str | None, float | None]:
+    validation = (info or {}).get("validation") or {}
+    score = validation.get("score")
+    return validation.get("metric"), validation.get("split"), float(score) if isinstance(score, (int, float)) else None
+
+
+class PublishCheckpoint:
+    """Publish a run's best checkpoint to the bundle's ``models/`` folder when training completes.
+
+    Each run keeps its own best checkpoint in its run folder; the copy in ``models/`` is what the other configs,
+    export and MONAI Label load, so publishing is careful:
+
+    * it is refused (a warning, the run's own checkpoint stays) when the published model scored better on the same
+      validation split with the same metric (as recorded in both checkpoints, see
+      :class:`scripts.checkpoints.DescribedModel`), unless ``overwrite``;
+    * the previous file is kept as ``models/previous/<name>``;
+    * the copy goes through a uniquely named temporary file and an atomic rename, under an inter-process lock, so
+      concurrent runs never mix their files and a reader never sees a half-written one.
 
     Args:
         source: the run's checkpoint file.
         destination: the bundle file to update, e.g. ``models/teacher.pt``.
+        overwrite: publish even when the published model scored better.
+
+    A run that wrote no checkpoint (its validation never ran) leaves the destination unchanged, with a warning.
     """
 
-    def __init__(self, source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    def __init__(self, source: str | os.PathLike, destination: str | os.PathLike, overwrite: bool = False) -> None:
+        from scripts.options import parse_bool
+
         self.source = Path(source)
         self.destination = Path(destination)
+        self.overwrite = parse_bool(overwrite, "overwrite")
+        self.backup = self.destination.parent / "previous" / self.destination.name
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        logger = getattr(engine, "logger", None) or logging.getLogger(__name__)
         if not self.source.is_file():
-            engine.logger.warning(f"no checkpoint at {self.source}; {self.destination} left unchanged.")
+            logger.warning(
+                f"training finished without a checkpoint in {self.source}: no validation ran (is val_interval larger "
+                f"than max_epochs?); {self.destination} left unchanged."
+            )
             return
-        self.destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.destination.with_suffix(self.destination.suffix + ".tmp")
-        shutil.copyfile(self.source, tmp)
-        os.replace(tmp, self.destination)
-        engine.logger.info(f"best checkpoint {self.source} published to {self.destination}")
+        self.publish(logger)
+
+    def publish(self, logger: logging.Logger | None = None) -> bool:
+        """Apply the policy; return whether the destination now holds the source."""
+        from scripts.checkpoints import read_checkpoint
+
+        logger = logger or logging.getLogger(__name__)
+        _, new = read_checkpoint(self.source, "run")
+        metric, split, score = _score(new)
+        with _exclusive(self.destination.parent):
+            if self.destination.is_file() and not self.overwrite:
+                try:
+                    _, old = read_checkpoint(self.destination, "published")
+                except InputError as e:
+                    logger.warning(f"{e} It will be replaced (and kept as {self.backup}).")
+                    old = None
+                old_metric, old_split, old_score = _score(old)
+                same = split is not None and (old_metric, old_split) == (metric, split)
+                if same and score is not None and old_score is not None and old_score > score:
+                    logger.warning(
+                        f"{self.destination} kept: it scored {metric} {old_score:.4f} on the same validation split, "
+                        f"this run's best is {score:.4f} ({self.source}). Pass --overwrite true to publish it anyway."
+                    )
+                    return False
+            self.destination.parent.mkdir(parents=True, exist_ok=True)
+            kept = ""
+            if self.destination.is_file():
+                self.backup.parent.mkdir(parents=True, exist_ok=True)
+                _replace_atomically(self.destination, self.backup)
+                kept = f"; the previous one is kept as {self.backup}"
+            _replace_atomically(self.source, self.destination)
+        scored = f" ({metric} {score:.4f})" if score is not None else ""
+        logger.info(f"best checkpoint {self.source}{scored} published to {self.destination}{kept}")
+        return True
 
 
 def _stem(path: str) -> str:
@@ -90,11 +184,31 @@ def _stem(path: str) -> str:
     return name
 
 
-class PredictionSaver:
-    """Write one row per scan (image, PD probability, predicted class, projection) to CSV and JSON.
+def skip_failed_scans(engine: Engine, batchdata: dict) -> Any:
+    """``iteration_update`` of the inference evaluator: MONAI's iteration on the scans that were read.
 
-    Files are written when the evaluator completes, to ``<output_dir>/predictions.csv`` and ``.json``. ``pred``
-    must hold class probabilities (the configs' postprocessing applies the softmax); channel 1 is PD.
+    The batch comes from :func:`scripts.data.collate_with_failures`: its failures (scans the preprocessing
+    refused) are moved to ``engine.state.failed_scans`` for :class:`PredictionSaver`; the network runs on the rest
+    through the evaluator's own ``_iteration`` (every MONAI event fires as usual). A batch of failures only gives
+    an empty output.
+    """
+    failed = batchdata.pop(FAILED_KEY, []) if isinstance(batchdata, dict) else []
+    engine.state.failed_scans = failed
+    if isinstance(batchdata, dict) and "image" not in batchdata:
+        return []
+    return engine._iteration(engine, batchdata)
+
+
+class PredictionSaver:
+    """Write one row per scan to ``<output_dir>/predictions.csv`` as the scans are scored, and a JSON summary.
+
+    Columns: ``image``, ``pd_probability``, ``predicted_class``, ``predicted_label``, ``projection``, ``warnings``
+    (checks a scan failed but was used anyway, ``--allow_nonstandard_input``), ``error`` (why a scan could not be
+    scored; its probability and class are then empty). Rows are appended and flushed after every iteration, so an
+    interrupted run keeps what it scored. ``predictions.json`` (model file, threshold, counts, rows) is written when
+    the evaluator completes. ``pred`` must hold class probabilities (the configs' postprocessing applies the
+    softmax); channel 1 is PD. :meth:`raise_on_failures` (the inference config's last step) ends the run with an
+    error, hence a non-zero exit status, when a scan could not be scored.
 
     Args:
         output_dir: folder of the outputs (created when needed).
@@ -102,6 +216,8 @@ class PredictionSaver:
         model_file: the weights used, written in the JSON header.
         threshold: PD decision threshold.
     """
+
+    FIELDS = ("image", "pd_probability", "predicted_class", "predicted_label", "projection", "warnings", "error")
 
     def __init__(
         self, output_dir: str | os.PathLike, projection: str, model_file: str = "", threshold: float = 0.5
@@ -111,44 +227,99 @@ class PredictionSaver:
         self.model_file = str(model_file)
         self.threshold = threshold
         self.rows: list[dict] = []
+        self.csv_path = self.output_dir / "predictions.csv"
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
 
+    @property
+    def failures(self) -> list[dict]:
+        return [row for row in self.rows if row["error"]]
+
+    def _start(self, engine: Engine) -> None:
+        self.rows.clear()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with self.csv_path.open("w", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writeheader()
+
     def _collect(self, engine: Engine) -> None:
+        new = []
         output = engine.state.output
-        preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
-        probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
-        probs = probs.float().reshape(probs.shape[0], -1)
-        names = _filenames(engine.state.batch) or [f"scan_{len(self.rows) + i}" for i in range(len(probs))]
-        for name, p in zip(names, probs[:, 1].tolist()):
-            predicted = int(p >= self.threshold)
-            self.rows.append(
+        if output:
+            preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
+            probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
+            probs = probs.float().reshape(probs.shape[0], -1)
+            names = _filenames(engine.state.batch) or [f"scan_{len(self.rows) + i}" for i in range(len(probs))]
+            warnings = _batch_values(engine.state.batch, WARNINGS_KEY, len(probs))
+            for name, p, warning in zip(names, probs[:, 1].tolist(), warnings):
+                predicted = int(p >= self.threshold)
+                new.append(
+                    {
+                        "image": name,
+                        "pd_probability": round(float(p), 6),
+                        "predicted_class": predicted,
+                        "predicted_label": "PD" if predicted else "HC",
+                        "projection": self.projection,
+                        "warnings": warning,
+                        "error": "",
+                    }
+                )
+        for failure in getattr(engine.state, "failed_scans", None) or []:
+            new.append(
                 {
-                    "image": name,
-                    "pd_probability": round(float(p), 6),
-                    "predicted_class": predicted,
-                    "predicted_label": "PD" if predicted else "HC",
+                    "image": failure["image"],
+                    "pd_probability": "",
+                    "predicted_class": "",
+                    "predicted_label": "",
                     "projection": self.projection,
+                    "warnings": "",
+                    "error": failure["reason"],
                 }
             )
+            engine.logger.warning(f"not scored: {failure['reason']}")
+        if not new:
+            return
+        self.rows.extend(new)
+        with self.csv_path.open("a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writerows(new)
+            f.flush()
 
     def _write(self, engine: Engine) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fields = ["image", "pd_probability", "predicted_class", "predicted_label", "projection"]
-        tmp = self.output_dir / "predictions.csv.tmp"
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.output_dir / "predictions.csv")
+        failed = len(self.failures)
         atomic_write_json(
             self.output_dir / "predictions.json",
-            {"model_file": self.model_file, "threshold": self.threshold, "predictions": self.rows},
+            {
+                "model_file": self.model_file,
+                "threshold": self.threshold,
+                "scored": len(self.rows) - failed,
+                "failed": failed,
+                "predictions": self.rows,
+            },
         )
-        engine.logger.info(f"{len(self.rows)} predictions written to {self.output_dir / 'predictions.csv'}")
+        engine.logger.info(f"{len(self.rows) - failed} predictions and {failed} error rows written to {self.csv_path}")
+
+    def raise_on_failures(self) -> None:
+        """Raise an :class:`InputError` when a scan could not be scored (after every other scan was)."""
+        failures = self.failures
+        if failures:
+            first = failures[0]["error"].rstrip(".")
+            raise InputError(
+                f"{len(failures)} of {len(self.rows)} scans could not be scored (first: {first}); every other scan "
+                f"has its prediction in {self.csv_path}, and each failed scan an error row."
+            )
+
+
+def _batch_values(batch: Any, key: str, n: int) -> list[str]:
+    """The ``key`` string of each scan of an engine batch (``""`` where absent)."""
+    if isinstance(batch, list):
+        values = [str(item.get(key, "")) if isinstance(item, dict) else "" for item in batch]
+    elif isinstance(batch, dict) and isinstance(batch.get(key), (list, tuple)):
+        values = [str(v) for v in batch[key]]
+    else:
+        values = []
+    return values + [""] * (n - len(values)) if len(values) < n else values[:n]
 
 
 class ProjectionPNGSaver:

@@ -240,12 +240,17 @@ def evaluate_sbr_baseline(
     """
     fit_file = datalist_file if fit_datalist is None else fit_datalist
     same = fit_datalist is None or pathlib.Path(fit_datalist).resolve() == pathlib.Path(datalist_file).resolve()
-    fit_entries, fit_feats = datalist_sbr(fit_file, fit_split)
-    if not fit_entries:
+    listed = (
+        json.loads(pathlib.Path(fit_file).read_text(encoding="utf-8")).get(fit_split)
+        if pathlib.Path(fit_file).is_file()
+        else None
+    )
+    if listed == []:
         raise ValueError(
             f"the {fit_split!r} list of {fit_file} is empty, so no threshold can be fitted on it; fit on another "
             "data set's training split with fit_datalist (CLI: --fit-datalist)."
         )
+    fit_entries, fit_feats = datalist_sbr(fit_file, fit_split)
     eval_entries, eval_feats = (
         (fit_entries, fit_feats) if same and eval_split == fit_split else datalist_sbr(datalist_file, eval_split)
     )
@@ -349,10 +354,12 @@ def summarize_features(entries: Sequence[dict], feats: Sequence[dict[str, float]
 def summarize_sbr(datalist_file: str | os.PathLike, splits: Sequence[str] | None = None) -> dict:
     """Calibration summary of a phantom datalist: :func:`summarize_features` of the pooled ``splits`` (default:
     every one of training, validation and test that the file has), plus ``"splits"``."""
-    data = json.loads(pathlib.Path(datalist_file).read_text())
+    data = json.loads(pathlib.Path(datalist_file).read_text(encoding="utf-8"))
     names = list(splits) if splits else [k for k in ("training", "validation", "test") if k in data]
     entries, feats = [], []
     for name in names:
+        if not data[name]:  # an empty list (e.g. the training list of a set made to be scored only)
+            continue
         e, f = datalist_sbr(datalist_file, name)
         entries += e
         feats += f

@@ -32,6 +32,20 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = MNI_AFFINE) 
     return path
 
 
+@pytest.fixture(autouse=True)
+def _seeded_random_state():
+    """Every test starts from the same random state (Python, NumPy, torch): a test's inputs do not depend on the
+    tests that ran before it or on the machine."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread: tiny networks run fastest (and steadiest on a busy CPU) without threading."""

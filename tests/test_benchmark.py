@@ -104,7 +104,7 @@ def test_data_path_ceiling_of_each_variant_and_its_ratio_to_the_raw_network(repo
 def test_fixed_per_batch_overhead_from_two_grids(report):
     for variant in ("bundle", "monai"):
         o = report["overhead"][variant]
-        assert o["grid"] == 16 and o["tiny_grid"] == 8 and o["batch_size"] == BATCH
+        assert o["grid"] == 32 and o["tiny_grid"] == 16 and o["batch_size"] == BATCH  # the smallest grids allowed
         assert o["bytes_per_batch"] > o["tiny_bytes"] > 0 and _positive(o["ms_per_batch"])
         assert o["overhead_ms"] is None or 0 <= o["overhead_ms"] <= o["tiny_ms_per_batch"]
 
@@ -188,7 +188,12 @@ def test_isolated_case_reports_its_own_process_memory(five_scans, tmp_path):
         "kind": "latency",
         "model": "teacher",
         "device": "cpu",
-        "overrides": {"bundle_root": str(tmp_path), "spatial_size": [16, 16, 16], "device": "$torch.device('cpu')"},
+        "overrides": {
+            "bundle_root": str(tmp_path),
+            "spatial_size": [16, 16, 16],
+            "device": "$torch.device('cpu')",
+            "load_pretrain": False,  # random weights, as the planned latency cases
+        },
         "files": images[:3],
         "warmup": 1,
     }

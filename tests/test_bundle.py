@@ -110,9 +110,8 @@ def test_distill_without_kd_is_saved_separately(trained, dataset):
 
 
 def test_distill_stops_with_a_clear_message_without_a_teacher(dataset, tmp_path):
-    wf = _workflow(["distill.json"], tmp_path, dataset, max_epochs=1)
-    with pytest.raises(Exception) as err:
-        wf.run()
+    with pytest.raises(Exception) as err:  # refused when the run starts (initialize), before any data is read
+        _workflow(["distill.json"], tmp_path, dataset, max_epochs=1).run()
     error = find_input_error(err.value)
     assert error is not None
     assert str(tmp_path / "models" / "teacher.pt") in str(error) and "configs/train_teacher.json" in str(error)

@@ -27,7 +27,6 @@ import torch
 import yaml
 from conftest import serve_directory, write_nifti
 from monai.bundle import ConfigParser
-from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE, resized_affine
 from scripts.tools import package
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +43,7 @@ WRITING_HANDLERS = {
     "TensorBoardStatsHandler",
     "ignite.handlers.ProgressBar",
     "CheckpointSaver",
+    "scripts.checkpoints.BestCheckpointSaver",
     "scripts.handlers.PublishCheckpoint",
 }
 # handlers that take part in training (or gather across ranks before rank 0 writes); they must run on every rank
@@ -351,9 +351,8 @@ def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_pat
     weights = _write_weights(serve / "weights")
     scans = tmp_path / "scans"
     rng = np.random.default_rng(0)
-    mni = resized_affine(MNI_2MM_AFFINE, MNI_2MM_SHAPE, (24, 28, 24))  # in MNI space, as the template centre needs
     for i in range(2):
-        write_nifti(scans / f"scan{i}.nii.gz", rng.random((24, 28, 24)).astype(np.float32), mni)
+        write_nifti(scans / f"scan{i}.nii.gz", rng.random((91, 109, 91)).astype(np.float32))  # the MNI 2 mm grid
 
     with serve_directory(serve) as port:
         base = f"http://127.0.0.1:{port}"

@@ -470,7 +470,7 @@ def study_data(tmp_path_factory):
 
 
 def test_study_data_sets_are_presets_with_other_subjects_and_an_all_test_split(study_data):
-    from scripts.data import load_datalist
+    from scripts.data import DatalistError, load_datalist
 
     root, paths = study_data
     assert set(paths) == {"benchmark", "av133", "spect_other_site"}
@@ -483,7 +483,9 @@ def test_study_data_sets_are_presets_with_other_subjects_and_an_all_test_split(s
     for name in ("av133", "spect_other_site"):
         # Every scan in test, balanced; the training/validation lists are empty but valid.
         assert data[name]["training"] == [] and data[name]["validation"] == []
-        assert load_datalist(paths[name], "training") == [] and load_datalist(paths[name], "validation") == []
+        for split in ("training", "validation"):  # a set to score only: the bundle refuses to train on it
+            with pytest.raises(DatalistError, match="no scans"):
+                load_datalist(paths[name], split)
         test = load_datalist(paths[name], "test")
         assert len(test) == _STUDY_SIZES[name] and sum(e["label"] for e in test) == _STUDY_SIZES[name] // 2
         assert meta[name]["counts"]["test"]["n_hc_subjects"] == _STUDY_SIZES[name] // 2

@@ -36,13 +36,25 @@ def datalist_files(dataset_dir: Path) -> tuple[list[dict], list[str]]:
 
 
 def scale_datalist(train: list[dict], n_scans: int, out: Path) -> Path:
-    """A datalist of ``n_scans`` training entries cycling over ``train``, each with its own subject id (so that
-    every entry is cached and hashed as a scan of its own)."""
+    """A datalist of ``n_scans`` training entries cycling over ``train``, each a scan of its own: a symbolic link
+    ``images/scale-NNNNN.nii.gz`` to the source file and its own subject id (the datalist checks refuse an image
+    listed twice; the cache hashes each entry)."""
     entries = []
+    images = out.parent / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    # alternate the classes, so that even a few entries hold both (the datalist checks refuse one-class training)
+    by_class = [[e for e in train if int(e["label"]) == c] for c in (0, 1)]
+    by_class = [group for group in by_class if group]
+    cycle = [
+        by_class[i % len(by_class)][(i // len(by_class)) % len(by_class[i % len(by_class)])] for i in range(n_scans)
+    ]
     for i in range(n_scans):
-        source = train[i % len(train)]
-        entries.append({"image": source["image"], "label": int(source["label"]), "subject": f"scale-{i:05d}"})
-    out.parent.mkdir(parents=True, exist_ok=True)
+        source = cycle[i]
+        suffix = ".nii.gz" if str(source["image"]).endswith(".nii.gz") else Path(source["image"]).suffix
+        link = images / f"scale-{i:05d}{suffix}"
+        if not link.exists():
+            link.symlink_to(Path(source["image"]).resolve())
+        entries.append({"image": str(link), "label": int(source["label"]), "subject": f"scale-{i:05d}"})
     out.write_text(json.dumps({"training": entries, "validation": [], "test": []}))
     return out
 
@@ -165,9 +177,10 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
         datapath("teacher_datapath_host", TEACHER_CONFIG, "datapath", "host", overrides={"cache_device": "cpu"})
     # fixed per-batch overhead: the same data path at a tiny grid beside the working grid, one batch size
     ob = int(args.overhead_batch_size)
-    tiny = min(TINY_GRID, int(args.spatial_size) // 2)
+    # the grid option accepts >= 16 voxels per side (the networks need it), so the pair is at least (32, 16)
+    big, tiny = max(int(args.spatial_size), 2 * TINY_GRID), TINY_GRID
     for variant, over in (("bundle", {}), ("monai", MONAI_DEFAULT)):
-        for grid in (int(args.spatial_size), tiny):
+        for grid in (big, tiny):
             datapath(
                 f"overhead_{variant}_{grid}",
                 TEACHER_CONFIG,
