@@ -21,7 +21,7 @@ demo: setup
 # The study of docs/results.md (the `cpu` matrix, hours on 2 CPU cores; resumable: run it again after an interruption),
 # then its report and figures.
 study: setup
-	$(PY) -m scripts.study run --matrix cpu --run-dir eval/study-cpu
+	$(PY) -m scripts.study run --matrix cpu --run-dir eval/study-cpu --jobs 2
 	$(MAKE) study-report
 
 study-report: setup

@@ -195,6 +195,28 @@ def test_an_interrupted_study_resumes_with_the_unfinished_cells(tiny_study):
     assert f"[{N_CELLS}/{N_CELLS}]" in tiny_study["second"] and "estimate" in tiny_study["first"]
 
 
+def test_parallel_jobs_give_the_cells_of_the_in_process_run(tiny_study, tmp_path):
+    """``--jobs 2``: cell processes side by side (the no-KD student beside the teacher), each KD student after its
+    teacher; the same records as in-process."""
+    cells = ["teacher-f1-minmax-s0", "student-dynamic_image-kd-fg+lg-f1-tf1-template-minmax-s0",
+             "student-dynamic_image-nokd-f1-template-minmax-s0"]  # fmt: skip
+    args = [a if a != str(tiny_study["run_dir"]) else str(tmp_path / "run") for a in tiny_study["args"]]
+    out = _run(*args, "--jobs", "2", "--no-figures", "--only", *cells)
+    assert f"[{len(cells)}/{len(cells)}]" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    order = [r["cell"] for r in records]
+    assert set(order) == set(cells) and order.index(cells[0]) < order.index(cells[1])  # KD waits for its teacher
+    assert {r["mode"] for r in records} == {"subprocess (2 jobs)"}
+    reference = {
+        r["cell"]: r for r in map(json.loads, (tiny_study["run_dir"] / "results.jsonl").read_text().splitlines())
+    }
+    for r in records:  # a cell's outcome does not depend on how it was run
+        for key, got in r["predictions"].items():
+            want = reference[r["cell"]]["predictions"][key]
+            assert got["files"] == want["files"] and got["labels"] == want["labels"]
+            assert got["scores"] == pytest.approx(want["scores"], abs=1e-5), (r["cell"], key)
+
+
 def test_a_rerun_skips_every_finished_cell(tiny_study):
     before = (tiny_study["run_dir"] / "results.jsonl").read_bytes()
     out = _run(*tiny_study["args"], "--no-figures")

@@ -131,8 +131,8 @@ def _format_minutes(seconds: float) -> str:
 class Progress:
     """Cells done / total, elapsed time and an estimate of the rest (mean time per cell of each kind so far)."""
 
-    def __init__(self, total: int, done: int, todo: Sequence[Cell]) -> None:
-        self.total, self.done, self.todo = total, done, list(todo)
+    def __init__(self, total: int, done: int, todo: Sequence[Cell], jobs: int = 1) -> None:
+        self.total, self.done, self.todo, self.jobs = total, done, list(todo), max(1, int(jobs))
         self.start = time.perf_counter()
         self.seconds: dict[str, list[float]] = {}
 
@@ -142,7 +142,7 @@ class Progress:
         self.seconds.setdefault(cell.kind, []).append(seconds)
         everything = [s for v in self.seconds.values() for s in v]
         mean = {k: sum(v) / len(v) for k, v in self.seconds.items()}
-        rest = sum(mean.get(c.kind, sum(everything) / len(everything)) for c in self.todo)
+        rest = sum(mean.get(c.kind, sum(everything) / len(everything)) for c in self.todo) / self.jobs
         elapsed = time.perf_counter() - self.start
         return (
             f"[{self.done}/{self.total}] {cell.name} done in {seconds:.0f} s | elapsed {_format_minutes(elapsed)}"
@@ -150,16 +150,28 @@ class Progress:
         )
 
 
-def _run_subprocess(run_dir: Path, cell: Cell) -> dict:
+def _start_subprocess(run_dir: Path, cell: Cell, threads: int | None = None) -> subprocess.Popen:
+    """Start ``python -m scripts.study cell`` for ``cell`` (output in ``<cell dir>/process.log``); ``threads`` sets
+    its ``OMP_NUM_THREADS`` (parallel jobs share the CPU cores)."""
     folder = cell_dir(run_dir, cell)
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "scripts.study", "cell", str(run_dir), json.dumps(cell.as_dict())]
     env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with (folder / "process.log").open("a") as log:
-        result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise RuntimeError(f"exit status {result.returncode}; see {folder / 'process.log'} and {folder / 'log.txt'}")
+        return subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _subprocess_record(run_dir: Path, cell: Cell, returncode: int) -> dict:
+    folder = cell_dir(run_dir, cell)
+    if returncode != 0:
+        raise RuntimeError(f"exit status {returncode}; see {folder / 'process.log'} and {folder / 'log.txt'}")
     return json.loads((folder / "record.json").read_text())
+
+
+def _run_subprocess(run_dir: Path, cell: Cell) -> dict:
+    return _subprocess_record(run_dir, cell, _start_subprocess(run_dir, cell).wait())
 
 
 def _check_dependencies(todo: Sequence[Cell], done: set[str], n_teachers: int) -> None:
@@ -211,6 +223,8 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         spec = preset(args.matrix, **changes)
     except ValueError as e:
         parser.error(str(e))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}.")
     cells = build_cells(spec)
     if args.only:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pattern) for pattern in args.only)]
@@ -264,8 +278,10 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
     counts = ", ".join(f"{n} {k}" for k, n in count_cells(cells).items())
     print(f"Study {run_dir}: {len(cells)} cells ({counts}); {len(cells) - len(todo)} finished, {len(todo)} to run.")
     ctx = context_from_study(run_dir)
-    progress = Progress(len(cells), len(cells) - len(todo), todo)
-    for ran, cell in enumerate(list(todo)):
+    progress = Progress(len(cells), len(cells) - len(todo), todo, jobs=args.jobs)
+    if args.jobs > 1:
+        _run_parallel(args, spec, todo, set(done), run_dir, results, progress)
+    for ran, cell in enumerate([] if args.jobs > 1 else list(todo)):
         if args.max_cells is not None and ran >= args.max_cells:
             print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
             return 0
@@ -288,6 +304,60 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
     report = write_report(run_dir, run_dir / "report.md", run_dir / "figures", figures=not args.no_figures)
     print(f"\n{report.summary}\n\nReport: {run_dir / 'report.md'}")
     return 0
+
+
+def _run_parallel(
+    args: argparse.Namespace,
+    spec,
+    todo: Sequence[Cell],
+    done: set[str],
+    run_dir: Path,
+    results: ResultsFile,
+    progress: Progress,
+) -> None:
+    """Run ``todo`` as up to ``args.jobs`` cell processes at a time, in matrix order, each cell once its teacher cell
+    has finished; this process alone writes the results file. The CPU cores are shared: each process gets
+    ``OMP_NUM_THREADS = max(1, cores // jobs)`` unless ``OMP_NUM_THREADS`` is set."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.jobs))
+    pending, finished = list(todo), set(done)
+    running: dict[str, tuple[Cell, subprocess.Popen, float]] = {}
+    launched = 0
+    try:
+        while pending or running:
+            for cell in list(pending):
+                if len(running) >= args.jobs or (args.max_cells is not None and launched >= args.max_cells):
+                    break
+                teacher = cell.teacher(spec.teachers)
+                if teacher is not None and teacher.name not in finished:
+                    continue  # its teacher is still training
+                folder = cell_dir(run_dir, cell)
+                if folder.exists():
+                    shutil.rmtree(folder)  # an interrupted cell's partial outputs; the cell runs again from scratch
+                print(f"-> {cell.name}", flush=True)
+                running[cell.name] = (cell, _start_subprocess(run_dir, cell, threads), time.perf_counter())
+                pending.remove(cell)
+                launched += 1
+            if not running:
+                print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
+                return
+            time.sleep(0.5)
+            for name, (cell, proc, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                try:
+                    record = _subprocess_record(run_dir, cell, proc.returncode)
+                except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
+                    raise SystemExit(f"error: cell {cell.name} failed: {e}") from e
+                record["seconds"]["wall"] = time.perf_counter() - start
+                record["mode"] = f"subprocess ({args.jobs} jobs)"
+                results.append(record)
+                finished.add(name)
+                print(progress.finished(cell, record["seconds"]["wall"]), flush=True)
+    finally:
+        for _, proc, _ in running.values():  # interrupted or failed: stop the other cells (they rerun on resume)
+            proc.terminate()
+            proc.wait()
 
 
 def cmd_cell(args: argparse.Namespace) -> int:
@@ -343,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
     run.add_argument("--prevalence", action="append", default=[], metavar="NAME=P", help="assumed PD prevalence")
     run.add_argument("--subprocess", action="store_true", help="run each cell in its own process")
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells run at once, each in its own process (> 1 implies --subprocess; the cores are shared)",
+    )
     run.add_argument("--max-cells", type=int, default=None, help="stop after running this many cells")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
     run.add_argument("--no-figures", action="store_true", help="write the report without figures")
