@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return cmd_report(args)
     if args.command == "list":
-        args.dry_run, args.run_dir = True, None
+        args.dry_run, args.run_dir, args.jobs = True, None, 1
         return cmd_run(args, parser)
     args.external = _pairs(args.external, "--external", parser)
     args.set = _pairs(args.set, "--set", parser)
