@@ -209,7 +209,7 @@ class DistillationTrainer(SupervisedTrainer):
         volume = volume.as_tensor() if isinstance(volume, MetaTensor) else volume  # no metadata through the network
         volume = volume.to(device, non_blocking=self.non_blocking)
         self.teacher.eval()
-        autocast = self.amp and device.type == "cuda"  # as MONAI's iteration: mixed precision on CUDA only
+        autocast = self.amp and torch.device(device).type == "cuda"  # as MONAI: mixed precision on CUDA only
         with torch.no_grad(), torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
             logits, embedding = self.teacher.forward_with_embedding(volume)
         logits, embedding = logits.float(), embedding.float()

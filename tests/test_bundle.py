@@ -210,3 +210,14 @@ def test_metadata_matches_the_schema_and_the_default_student():
 
     image = meta["network_data_format"]["inputs"]["image"]
     assert Student2D().in_channels == image["num_channels"]
+
+
+@pytest.mark.parametrize("name", ["train_teacher.json", "distill.json"])
+@pytest.mark.parametrize("device", ["cpu", "$torch.device('cpu')"])
+def test_device_may_be_given_as_a_name(name, device):
+    """MONAI Label and ``--device cpu`` on the command line set ``device`` to a string, not a torch.device."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / name))
+    parser["device"] = device
+    assert parser.get_parsed_content("amp") is False
+    assert parser.get_parsed_content("cudnn_benchmark") is False

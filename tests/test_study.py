@@ -46,16 +46,16 @@ def _run(*args: str) -> str:
 def test_presets_have_the_documented_cells():
     counts = {name: count_cells(build_cells(preset(name))) for name in PRESETS}
     assert counts["demo"] == {"baseline": 3, "teacher": 1, "student": 4}
-    # cpu: 3 + 3·3 + 3 teachers (full data, each low-data fraction, occipital); students: 5 projections × 2 × 5 +
-    # 4 extra variants × 5 + 3 fractions × 2 × 5 + auto centre 2 × 5 + occipital 2 × 5
-    assert counts["cpu"] == {"baseline": 3, "teacher": 15, "student": 50 + 20 + 30 + 10 + 10}
+    # cpu: 3 + 3·3 + 3 teachers (full data, each low-data fraction, occipital); students: 5 projections × 2 × 3 +
+    # 4 extra variants × 3 + 3 fractions × 2 × 3 + auto centre 2 × 3 + occipital 2 × 3
+    assert counts["cpu"] == {"baseline": 3, "teacher": 15, "student": 30 + 12 + 18 + 6 + 6}
     # full: 10 projections, matched and full-data teachers in the low-data sweep
     assert counts["full"] == {"baseline": 3, "teacher": 25, "student": 100 + 20 + 45 + 10 + 10}
 
 
 def test_list_prints_every_cell_of_a_preset():
     out = _run("list", "--matrix", "cpu")
-    assert "138 cells (15 teacher, 120 student, 3 baseline)" in out
+    assert "90 cells (15 teacher, 72 student, 3 baseline)" in out
     assert "student-entropy-nokd-f1-template-minmax-s4" in out and "teacher-f0.1-minmax-s2" in out
 
 

@@ -249,7 +249,7 @@ PRESETS: dict[str, dict] = {
     },
     "cpu": {
         "projections": ("single_slice", "early_fusion_slices", "joint_fusion_slices", "dynamic_image", "entropy"),
-        "seeds": 5,
+        "seeds": 3,
         "teachers": 3,
         "variants": ("fg", "lg", "fg+lg", "fg+lg+decor", "hinton"),
         "fractions": (0.1, 0.25, 0.5),
