@@ -56,7 +56,7 @@ def test_presets_have_the_documented_cells():
 def test_list_prints_every_cell_of_a_preset():
     out = _run("list", "--matrix", "cpu")
     assert "90 cells (15 teacher, 72 student, 3 baseline)" in out
-    assert "student-entropy-nokd-f1-template-minmax-s4" in out and "teacher-f0.1-minmax-s2" in out
+    assert "student-entropy-nokd-f1-template-minmax-s2" in out and "teacher-f0.1-minmax-s2" in out
 
 
 def test_one_study_at_a_time_per_run_folder(tmp_path):

@@ -5,7 +5,15 @@
 import numpy as np
 import pytest
 from scripts.study.operating import prevalence_threshold, youden_threshold
-from scripts.study.stats import bootstrap_ci, min_p_value, paired_comparison, sign_flip_test, summarise
+from scripts.study.stats import (
+    bootstrap_ci,
+    metric_from_scores,
+    min_p_value,
+    paired_comparison,
+    sign_flip_test,
+    summarise,
+    two_level_bootstrap_ci,
+)
 
 
 def test_summary_is_mean_and_sample_std_and_drops_undefined_values():
@@ -78,3 +86,44 @@ def test_prevalence_threshold_calls_the_assumed_share_pd_without_labels():
     assert not any(s >= prevalence_threshold(scores, 0.0) for s in scores)
     with pytest.raises(ValueError, match="prevalence"):
         prevalence_threshold(scores, 1.5)
+
+
+def test_metrics_from_scores_match_hand_counts():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.6, 0.3, 0.6, 0.9, 0.2, 0.8])
+    # pairs (PD, HC): 4 × 3 = 12; PD 0.6 ties HC 0.6 (1/2), PD 0.2 beats only 0.1
+    assert metric_from_scores(labels, scores, "roc_auc")[0] == pytest.approx((2.5 + 3 + 1 + 3) / 12)
+    # at 0.5: TP 3 (0.6, 0.9, 0.8), FN 1, TN 2, FP 1
+    assert metric_from_scores(labels, scores, "accuracy", 0.5)[0] == pytest.approx(5 / 7)
+    assert metric_from_scores(labels, scores, "sensitivity", 0.5)[0] == pytest.approx(3 / 4)
+    assert metric_from_scores(labels, scores, "specificity", 0.5)[0] == pytest.approx(2 / 3)
+    assert metric_from_scores(labels, scores, "f1_macro", 0.5)[0] == pytest.approx((6 / 8 + 4 / 6) / 2)
+    with pytest.raises(ValueError, match="metric must be"):
+        metric_from_scores(labels, scores, "auc")
+
+
+def test_two_level_bootstrap_covers_test_scan_noise_and_stays_paired():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 70)
+    base = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, labels.size), 0, 1)
+    # identical models: every resample gives exactly 0 (the same scans are drawn for both)
+    same = [(base, 0.5, base.copy(), 0.5)] * 3
+    assert two_level_bootstrap_ci(labels, same, "roc_auc", n_boot=200) == (0.0, 0.0)
+    # a model that separates the classes perfectly beats the noisy one on every resample
+    perfect = labels.astype(float)
+    low, high = two_level_bootstrap_ci(labels, [(perfect, 0.5, base, 0.5)] * 3, "roc_auc", n_boot=200)
+    assert 0 < low <= high
+    # seeds that agree exactly still get a non-zero width from the finite test split
+    noisy = np.clip(base + rng.normal(0, 0.15, labels.size), 0, 1)
+    low, high = two_level_bootstrap_ci(labels, [(noisy, 0.5, base, 0.5)] * 3, "accuracy", n_boot=500)
+    assert high - low > 0.02
+
+
+def test_a_comparison_is_decided_by_its_two_level_interval_when_known():
+    from dataclasses import replace
+
+    c = paired_comparison({0: 0.02, 1: 0.03, 2: 0.025}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert c.decided and c.verdict == "higher"  # the seed-level interval excludes 0
+    wide = replace(c, scan_ci=(-0.01, 0.06))
+    assert not wide.decided and wide.verdict == "within noise"
+    assert "[-0.010, +0.060]" in wide.format()

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, VARIANTS, Cell
 from scripts.study.results import ResultsFile, StudyFile
-from scripts.study.stats import MIN_PAIRS, PairedComparison, Summary, min_p_value, paired_comparison, summarise
+from scripts.study.stats import (
+    MIN_PAIRS,
+    PairedComparison,
+    Summary,
+    min_p_value,
+    paired_comparison,
+    summarise,
+    two_level_bootstrap_ci,
+)
 
 __all__ = ["StudyResults", "Report", "write_report", "METRICS", "CLOSE_MARGIN"]
 
@@ -120,6 +129,17 @@ def summary_of(group: dict[int, dict], key: str, metric: str, op: str = OP) -> S
     return summarise(list(values(group, key, metric, op).values()))
 
 
+def _scores(record: dict, key: str, op: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(labels, scores, threshold)`` of a record on ``key``, scans in file-name order; ``None`` when unknown."""
+    pred = (record.get("predictions") or {}).get(key)
+    threshold = (record.get("thresholds") or {}).get(op)
+    if not pred or threshold is None or pred.get("labels") is None or pred.get("scores") is None:
+        return None
+    order = np.argsort(np.asarray(pred["files"], dtype=str), kind="stable")
+    labels = np.asarray(pred["labels"], dtype=np.int64)[order]
+    return labels, np.asarray(pred["scores"], dtype=np.float64)[order], float(threshold)
+
+
 def _fmt(s: Summary | None) -> str:
     return "–" if s is None else s.format()
 
@@ -167,7 +187,19 @@ class _Builder:
         return self.res.select("student", projection=projection or self.p0, kd=False, **axes)
 
     def compare(self, a, b, key, metric=PRIMARY, op=OP, pair=None) -> PairedComparison | None:
-        return paired_comparison(values(a, key, metric, op), values(b, key, metric, op), pair)
+        """Paired comparison ``a - b`` over seeds, with the two-level (seeds × test scans) interval when every
+        record of the pairs holds its per-scan scores on ``key``."""
+        c = paired_comparison(values(a, key, metric, op), values(b, key, metric, op), pair)
+        if c is None:
+            return None
+        scored = [(_scores(a[s], key, op), _scores(b[t], key, op)) for s, t in c.pairs]
+        if not all(x is not None and y is not None for x, y in scored):
+            return c
+        labels = scored[0][0][0]
+        if any(not np.array_equal(x[0], labels) or not np.array_equal(y[0], labels) for x, y in scored):
+            return c
+        pairs = [(x[1], x[2], y[1], y[2]) for x, y in scored]
+        return replace(c, scan_ci=two_level_bootstrap_ci(labels, pairs, metric))
 
     def metric_row(self, label: str, group: dict[int, dict], key: str, op: str = OP) -> list[str]:
         n = len(group)
@@ -319,7 +351,7 @@ def _claims(b: _Builder) -> tuple[str, dict]:
     if c is None:
         verdict, detail = "not measured", "no joint-fusion KD student or no teacher"
     else:
-        verdict = _decide(c, lambda c: c.ci_low > -CLOSE_MARGIN, lambda c: c.ci_high < -CLOSE_MARGIN)
+        verdict = _decide(c, lambda c: c.interval[0] > -CLOSE_MARGIN, lambda c: c.interval[1] < -CLOSE_MARGIN)
         detail = f"student − teacher ROC AUC {c.format()}; close = interval above −{CLOSE_MARGIN}"
     rows.append(["(2) joint fusion + KD comes close to the teacher", detail, verdict])
     verdicts[2] = verdict
@@ -371,7 +403,9 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         verdict, detail = "not measured", "no low-data sweep"
     rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
     verdicts[5] = verdict
-    return _table(["claim", "measured (paired over seeds, 95 % bootstrap CI, sign-flip p)", "verdict"], rows), verdicts
+    return _table(
+        ["claim", "measured (paired; 95 % CI over seeds × test scans; sign-flip p over seeds)", "verdict"], rows
+    ), verdicts
 
 
 def _decide(c: PairedComparison, supports=None, contradicts=None) -> str:
@@ -604,14 +638,16 @@ def write_report(
         f"* Mean ± sample std over seeds. KD and no-KD students of one seed share initial weights and data order; a "
         f"KD student of seed s learns from teacher s mod {res.n_teachers}, and student–teacher comparisons pair "
         "them so.\n"
-        "* A paired difference is given as mean [95 % bootstrap CI], p (exact sign-flip test); it is *within "
-        f"noise* when the interval contains 0. With {n_seeds} seeds the smallest attainable p is "
-        f"{min_p_value(max(n_seeds, 1)):.3g} (all seeds agree in sign), so p < 0.05 is out of reach by construction; "
-        "a percentile bootstrap over so few seeds is optimistic: read a clear interval as 'consistent across these "
-        f"seeds'. With fewer than {MIN_PAIRS} pairs no verdict is given.",
+        "* A paired difference is given as mean [95 % CI], p. The interval is a two-level paired bootstrap: each "
+        "resample draws the seed pairs with replacement *and* the test scans with replacement (within each class, the "
+        "same scans for both models) and recomputes the metric from the per-scan scores, so it covers both training "
+        "noise and the finite test split; a difference is *within noise* when the interval contains 0. p is the "
+        f"exact sign-flip test over seeds: with {n_seeds} seeds the smallest attainable p is "
+        f"{min_p_value(max(n_seeds, 1)):.3g} (all seeds agree in sign), so p < 0.05 is out of reach by construction "
+        f"and the verdict rests on the interval. With fewer than {MIN_PAIRS} seed pairs no verdict is given.",
         "## The paper's claims\n\n" + claims,
         "## In-domain test: every model\n\n" + main,
-        "## Distillation vs none (paired over seeds)\n\n"
+        "## Distillation vs none (paired: same seeds, same test scans)\n\n"
         + (_table(["projection", "Δ ROC AUC", "Δ macro F1", "Δ accuracy"], kd_rows) if kd_rows else "No pairs.")
         + fig("kd_vs_nokd.png", "KD vs no-KD per projection")
         + "\n\n### Student − teacher (paired by teacher seed)\n\n"

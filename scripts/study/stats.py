@@ -19,6 +19,13 @@ contains 0. With few seeds a percentile bootstrap interval is optimistic (it nev
 differences), so read a narrow interval from 5 seeds as "consistent across these seeds", not as a population
 guarantee. Below :data:`MIN_PAIRS` pairs no verdict is given at all ("too few seeds": two values always give an
 interval that excludes 0 when they agree in sign).
+
+The seed-level interval sees only training noise; every model is also scored on one finite test split, whose
+sampling noise is larger than the seed-to-seed spread when models are close to the ceiling. When the per-scan
+scores are known, :func:`two_level_bootstrap_ci` resamples both: the seed pairs (with replacement) and the test
+scans (with replacement within each class, the same scans for both models, so that the comparison stays
+paired), recomputing the metric from the scores each time. That interval (``scan_ci``) is the one that decides a
+comparison when present.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ __all__ = [
     "sign_flip_test",
     "min_p_value",
     "paired_comparison",
+    "two_level_bootstrap_ci",
+    "metric_from_scores",
     "MIN_PAIRS",
 ]
 
@@ -115,6 +124,100 @@ def sign_flip_test(diffs: Sequence[float], max_exact: int = 16, n_perm: int = 10
     return (hits + 1) / (n_perm + 1)
 
 
+def _roc_auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` ``(R, N)`` against ``labels`` ``(R, N)`` (Mann-Whitney, ties count 1/2)."""
+    out = np.empty(scores.shape[0])
+    for r in range(scores.shape[0]):
+        pos, neg = scores[r, labels[r] == 1], scores[r, labels[r] == 0]
+        diff = pos[:, None] - neg[None, :]
+        out[r] = (np.count_nonzero(diff > 0) + 0.5 * np.count_nonzero(diff == 0)) / diff.size
+    return out
+
+
+def metric_from_scores(labels: np.ndarray, scores: np.ndarray, metric: str, threshold: float = 0.5) -> np.ndarray:
+    """A metric of each row of ``scores`` ``(R, N)`` (P(PD), a scan is PD when ``score >= threshold``).
+
+    ``metric``: ``roc_auc``, ``accuracy``, ``sensitivity``, ``specificity``, ``balanced_accuracy`` or ``f1_macro``.
+    Returns ``(R,)``.
+    """
+    labels, scores = np.atleast_2d(labels), np.atleast_2d(scores)
+    if metric == "roc_auc":
+        return _roc_auc_rows(labels, scores)
+    pred = scores >= threshold
+    pd, hc = labels == 1, labels == 0
+    tp, tn = np.sum(pred & pd, axis=1), np.sum(~pred & hc, axis=1)
+    fp, fn = np.sum(pred & hc, axis=1), np.sum(~pred & pd, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens, spec = tp / (tp + fn), tn / (tn + fp)
+        if metric == "accuracy":
+            return (tp + tn) / labels.shape[1]
+        if metric == "sensitivity":
+            return sens
+        if metric == "specificity":
+            return spec
+        if metric == "balanced_accuracy":
+            return (sens + spec) / 2
+        if metric == "f1_macro":
+            f1_pd = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+            f1_hc = np.where(tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
+            return (f1_pd + f1_hc) / 2
+    raise ValueError(
+        f"metric must be roc_auc, accuracy, sensitivity, specificity, balanced_accuracy or f1_macro; got {metric!r}."
+    )
+
+
+def two_level_bootstrap_ci(
+    labels: Sequence[int],
+    pairs: Sequence[tuple[Sequence[float], float, Sequence[float], float]],
+    metric: str,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile interval of the mean paired difference ``metric(a) - metric(b)`` over seeds *and* test scans.
+
+    Args:
+        labels: ``(N,)`` labels of the test scans (0 HC, 1 PD), the same scans in the same order for every model.
+        pairs: one ``(scores_a (N,), threshold_a, scores_b (N,), threshold_b)`` per seed pair.
+        metric: see :func:`metric_from_scores`.
+        level: coverage.
+        n_boot: resamples; each draws the seed pairs with replacement and the scans with replacement within each
+            class (class counts fixed, so every metric stays defined), the same scans for ``a`` and ``b``.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(low, high)``.
+    """
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if not pairs:
+        raise ValueError("two_level_bootstrap_ci needs at least one pair.")
+    a = np.stack([np.asarray(p[0], dtype=np.float64).reshape(-1) for p in pairs])
+    b = np.stack([np.asarray(p[2], dtype=np.float64).reshape(-1) for p in pairs])
+    if a.shape[1] != y.size or b.shape[1] != y.size:
+        raise ValueError(f"scores of {a.shape[1]} / {b.shape[1]} scans for {y.size} labels.")
+    ta, tb = np.array([p[1] for p in pairs]), np.array([p[3] for p in pairs])
+    rng = np.random.default_rng(seed)
+    classes = [np.flatnonzero(y == c) for c in (0, 1)]
+    means = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = np.concatenate([c[rng.integers(0, c.size, c.size)] for c in classes if c.size])
+        chosen = rng.integers(0, len(pairs), len(pairs))
+        ys = np.broadcast_to(y[idx], (len(pairs), idx.size))
+        if metric == "roc_auc":
+            d = metric_from_scores(ys, a[:, idx], metric) - metric_from_scores(ys, b[:, idx], metric)
+        else:
+            d = np.array(
+                [
+                    metric_from_scores(y[idx], a[j, idx], metric, ta[j])[0]
+                    - metric_from_scores(y[idx], b[j, idx], metric, tb[j])[0]
+                    for j in range(len(pairs))
+                ]
+            )
+        means[i] = d[chosen].mean()
+    alpha = (1.0 - level) / 2.0
+    return float(np.nanquantile(means, alpha)), float(np.nanquantile(means, 1.0 - alpha))
+
+
 def min_p_value(n_pairs: int) -> float:
     """The smallest two-sided p-value the exact sign-flip test can give with ``n_pairs`` pairs: ``2 / 2^n``."""
     return min(1.0, 2.0 / 2**n_pairs)
@@ -132,11 +235,19 @@ class PairedComparison:
     min_p_value: float
     diffs: tuple[float, ...]
     pairs: tuple[tuple[int, int], ...]
+    scan_ci: tuple[float, float] | None = None
+    """The two-level (seeds × test scans) interval, when the per-scan scores are known."""
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The deciding 95 % interval: the two-level one when known, else the seed-level one."""
+        return self.scan_ci if self.scan_ci is not None else (self.ci_low, self.ci_high)
 
     @property
     def within_noise(self) -> bool:
-        """The 95 % interval contains 0."""
-        return self.ci_low <= 0.0 <= self.ci_high
+        """The deciding 95 % interval contains 0."""
+        low, high = self.interval
+        return low <= 0.0 <= high
 
     @property
     def decided(self) -> bool:
@@ -153,10 +264,9 @@ class PairedComparison:
         return "higher" if self.mean > 0 else "lower"
 
     def format(self, digits: int = 3) -> str:
-        """``"+0.025 [-0.010, +0.060], p = 0.31"``."""
-        return (
-            f"{self.mean:+.{digits}f} [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}], p = {self.p_value:.2g}"
-        )
+        """``"+0.025 [-0.010, +0.060], p = 0.31"``: the mean, the deciding interval and the seed sign-flip p."""
+        low, high = self.interval
+        return f"{self.mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}], p = {self.p_value:.2g}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "within_noise": self.within_noise, "verdict": self.verdict}
