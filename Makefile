@@ -38,8 +38,8 @@ lint: setup
 	$(VENV)/bin/ruff format --check scripts tests monailabel_app
 
 format: setup
-	$(VENV)/bin/ruff format scripts tests
-	$(VENV)/bin/ruff check --fix scripts tests
+	$(VENV)/bin/ruff format scripts tests monailabel_app
+	$(VENV)/bin/ruff check --fix scripts tests monailabel_app
 
 # Model-zoo readiness: the zoo's bundle verification, code-format tools and file checks on the bundle as a zoo
 # submission (also part of `make test`). MODEL_ZOO_DIR=<model-zoo checkout> also runs the zoo's own verify_bundle.py.
