@@ -13,6 +13,7 @@ from scripts.study.stats import (
     sign_flip_test,
     summarise,
     two_level_bootstrap_ci,
+    two_level_contrast_ci,
 )
 
 
@@ -127,3 +128,20 @@ def test_a_comparison_is_decided_by_its_two_level_interval_when_known():
     wide = replace(c, scan_ci=(-0.01, 0.06))
     assert not wide.decided and wide.verdict == "within noise"
     assert "[-0.010, +0.060]" in wide.format()
+
+
+def test_a_difference_of_gains_gets_a_two_level_interval():
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 20 + [1] * 40)
+    a, b = (np.clip(labels * 0.3 + rng.normal(0.35, 0.2, labels.size), 0, 1) for _ in range(2))
+    pairs = [(a, 0.5, b, 0.5)] * 2
+    terms = [[(a, 0.5, 1.0), (b, 0.5, -1.0)]] * 2
+    # a two-term contrast is the paired difference
+    assert two_level_contrast_ci(labels, terms, "roc_auc", n_boot=300) == two_level_bootstrap_ci(
+        labels, pairs, "roc_auc", n_boot=300
+    )
+    # the same gain at both fractions: the difference of gains is exactly 0 on every resample
+    same_gain = [[(a, 0.5, 1.0), (b, 0.5, -1.0), (a, 0.5, -1.0), (b, 0.5, 1.0)]] * 3
+    assert two_level_contrast_ci(labels, same_gain, "accuracy", n_boot=100) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same number of terms"):
+        two_level_contrast_ci(labels, [terms[0], terms[0][:1]], "roc_auc")

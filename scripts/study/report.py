@@ -31,6 +31,7 @@ from scripts.study.stats import (
     paired_comparison,
     summarise,
     two_level_bootstrap_ci,
+    two_level_contrast_ci,
 )
 
 __all__ = ["StudyResults", "Report", "write_report", "METRICS", "CLOSE_MARGIN"]
@@ -138,6 +139,20 @@ def _scores(record: dict, key: str, op: str) -> tuple[np.ndarray, np.ndarray, fl
     order = np.argsort(np.asarray(pred["files"], dtype=str), kind="stable")
     labels = np.asarray(pred["labels"], dtype=np.int64)[order]
     return labels, np.asarray(pred["scores"], dtype=np.float64)[order], float(threshold)
+
+
+def _with_contrast_ci(
+    c: PairedComparison, groups: Sequence[dict[int, dict]], coefficients: Sequence[float], key: str
+) -> PairedComparison:
+    """``c`` with the two-level interval of ``Σ coefficient · ROC AUC(group)``, each seed of ``c`` taking the
+    same seed in every group (left as it is when a record lacks its per-scan scores)."""
+    terms = []
+    for s, _ in c.pairs:
+        scored = [_scores(g[s], key, OP) if s in g else None for g in groups]
+        if any(x is None for x in scored) or any(not np.array_equal(x[0], scored[0][0]) for x in scored):
+            return c
+        terms.append([(x[1], x[2], w) for x, w in zip(scored, coefficients)])
+    return replace(c, scan_ci=two_level_contrast_ci(scored[0][0], terms, PRIMARY))
 
 
 def _fmt(s: Summary | None) -> str:
@@ -390,9 +405,12 @@ def _claims(b: _Builder) -> tuple[str, dict]:
     if fractions and b.kd() and b.nokd():
         f = fractions[0]
         tf = f if b.kd(fraction=f, teacher_fraction=f) else 1.0
-        gain_low = _diffs(b.kd(fraction=f, teacher_fraction=tf), b.nokd(fraction=f), key)
-        gain_full = _diffs(b.kd(), b.nokd(), key)
+        groups = (b.kd(fraction=f, teacher_fraction=tf), b.nokd(fraction=f), b.kd(), b.nokd())
+        gain_low = _diffs(groups[0], groups[1], key)
+        gain_full = _diffs(groups[2], groups[3], key)
         c = paired_comparison(gain_low, gain_full)
+        if c is not None:
+            c = _with_contrast_ci(c, groups, (1.0, -1.0, -1.0, 1.0), key)
         if c is None:
             verdict, detail = "not measured", "no paired gains"
         else:

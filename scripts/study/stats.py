@@ -47,6 +47,7 @@ __all__ = [
     "min_p_value",
     "paired_comparison",
     "two_level_bootstrap_ci",
+    "two_level_contrast_ci",
     "metric_from_scores",
     "MIN_PAIRS",
 ]
@@ -188,32 +189,60 @@ def two_level_bootstrap_ci(
     Returns:
         ``(low, high)``.
     """
+    terms = [[(a, ta, 1.0), (b, tb, -1.0)] for a, ta, b, tb in pairs]
+    return two_level_contrast_ci(labels, terms, metric, level=level, n_boot=n_boot, seed=seed)
+
+
+def two_level_contrast_ci(
+    labels: Sequence[int],
+    terms: Sequence[Sequence[tuple[Sequence[float], float, float]]],
+    metric: str,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """:func:`two_level_bootstrap_ci` of any linear contrast of models, e.g. a difference of KD gains
+    ``(kd_low - nokd_low) - (kd_full - nokd_full)``.
+
+    Args:
+        labels: ``(N,)`` labels of the test scans, the same scans in the same order for every model.
+        terms: per seed (or seed tuple), the contrast's terms ``(scores (N,), threshold, coefficient)``; every
+            seed has the same number of terms.
+        metric: see :func:`metric_from_scores`.
+        level: coverage.
+        n_boot: resamples (seeds and scans drawn as in :func:`two_level_bootstrap_ci`).
+        seed: seed of the resampling.
+
+    Returns:
+        ``(low, high)`` of the mean over seeds of ``Σ coefficient · metric(scores)``.
+    """
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if not pairs:
-        raise ValueError("two_level_bootstrap_ci needs at least one pair.")
-    a = np.stack([np.asarray(p[0], dtype=np.float64).reshape(-1) for p in pairs])
-    b = np.stack([np.asarray(p[2], dtype=np.float64).reshape(-1) for p in pairs])
-    if a.shape[1] != y.size or b.shape[1] != y.size:
-        raise ValueError(f"scores of {a.shape[1]} / {b.shape[1]} scans for {y.size} labels.")
-    ta, tb = np.array([p[1] for p in pairs]), np.array([p[3] for p in pairs])
+    if not terms or not all(terms):
+        raise ValueError("a two-level interval needs at least one seed with at least one term.")
+    n_terms = len(terms[0])
+    if any(len(t) != n_terms for t in terms):
+        raise ValueError("every seed needs the same number of terms.")
+    scores = np.stack([np.asarray(t[0], dtype=np.float64).reshape(-1) for seed_terms in terms for t in seed_terms])
+    if scores.shape[1] != y.size:
+        raise ValueError(f"scores of {scores.shape[1]} scans for {y.size} labels.")
+    thresholds = np.array([t[1] for seed_terms in terms for t in seed_terms], dtype=np.float64)
+    coefficients = np.array([[t[2] for t in seed_terms] for seed_terms in terms], dtype=np.float64)
     rng = np.random.default_rng(seed)
     classes = [np.flatnonzero(y == c) for c in (0, 1)]
+    n_seeds = len(terms)
     means = np.empty(n_boot)
     for i in range(n_boot):
         idx = np.concatenate([c[rng.integers(0, c.size, c.size)] for c in classes if c.size])
-        chosen = rng.integers(0, len(pairs), len(pairs))
-        ys = np.broadcast_to(y[idx], (len(pairs), idx.size))
+        chosen = rng.integers(0, n_seeds, n_seeds)
+        ys = np.broadcast_to(y[idx], (scores.shape[0], idx.size))
         if metric == "roc_auc":
-            d = metric_from_scores(ys, a[:, idx], metric) - metric_from_scores(ys, b[:, idx], metric)
+            values = metric_from_scores(ys, scores[:, idx], metric)
         else:
-            d = np.array(
-                [
-                    metric_from_scores(y[idx], a[j, idx], metric, ta[j])[0]
-                    - metric_from_scores(y[idx], b[j, idx], metric, tb[j])[0]
-                    for j in range(len(pairs))
-                ]
+            values = np.array(
+                [metric_from_scores(y[idx], scores[r, idx], metric, thresholds[r])[0] for r in range(scores.shape[0])]
             )
-        means[i] = d[chosen].mean()
+        per_seed = (values.reshape(n_seeds, n_terms) * coefficients).sum(axis=1)
+        means[i] = per_seed[chosen].mean()
     alpha = (1.0 - level) / 2.0
     return float(np.nanquantile(means, alpha)), float(np.nanquantile(means, 1.0 - alpha))
 
