@@ -421,9 +421,8 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         verdict, detail = "not measured", "no low-data sweep"
     rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
     verdicts[5] = verdict
-    return _table(
-        ["claim", "measured (paired; 95 % CI over seeds × test scans; sign-flip p over seeds)", "verdict"], rows
-    ), verdicts
+    header = ["claim", "measured (paired; 95 % CI over seeds × test scans; sign-flip p over seeds)", "verdict"]
+    return _table(header, rows), verdicts
 
 
 def _decide(c: PairedComparison, supports=None, contradicts=None) -> str:
