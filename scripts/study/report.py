@@ -30,7 +30,6 @@ from scripts.study.stats import (
     min_p_value,
     paired_comparison,
     summarise,
-    two_level_bootstrap_ci,
     two_level_contrast_ci,
 )
 
@@ -142,17 +141,25 @@ def _scores(record: dict, key: str, op: str) -> tuple[np.ndarray, np.ndarray, fl
 
 
 def _with_contrast_ci(
-    c: PairedComparison, groups: Sequence[dict[int, dict]], coefficients: Sequence[float], key: str
+    c: PairedComparison,
+    records: Sequence[Sequence[dict | None]],
+    coefficients: Sequence[float],
+    key: str,
+    metric: str = PRIMARY,
+    op: str = OP,
 ) -> PairedComparison:
-    """``c`` with the two-level interval of ``Σ coefficient · ROC AUC(group)``, each seed of ``c`` taking the
-    same seed in every group (left as it is when a record lacks its per-scan scores)."""
-    terms = []
-    for s, _ in c.pairs:
-        scored = [_scores(g[s], key, OP) if s in g else None for g in groups]
-        if any(x is None for x in scored) or any(not np.array_equal(x[0], scored[0][0]) for x in scored):
+    """``c`` with the two-level interval of ``Σ coefficient · metric(record)``, one list of records per seed pair
+    of ``c`` (left as it is when a record is missing or lacks its per-scan scores on ``key``)."""
+    terms, labels = [], None
+    for seed_records in records:
+        scored = [_scores(r, key, op) if r is not None else None for r in seed_records]
+        if any(x is None for x in scored):
+            return c
+        labels = scored[0][0] if labels is None else labels
+        if any(not np.array_equal(x[0], labels) for x in scored):
             return c
         terms.append([(x[1], x[2], w) for x, w in zip(scored, coefficients)])
-    return replace(c, scan_ci=two_level_contrast_ci(scored[0][0], terms, PRIMARY))
+    return replace(c, scan_ci=two_level_contrast_ci(labels, terms, metric)) if terms else c
 
 
 def _fmt(s: Summary | None) -> str:
@@ -207,14 +214,7 @@ class _Builder:
         c = paired_comparison(values(a, key, metric, op), values(b, key, metric, op), pair)
         if c is None:
             return None
-        scored = [(_scores(a[s], key, op), _scores(b[t], key, op)) for s, t in c.pairs]
-        if not all(x is not None and y is not None for x, y in scored):
-            return c
-        labels = scored[0][0][0]
-        if any(not np.array_equal(x[0], labels) or not np.array_equal(y[0], labels) for x, y in scored):
-            return c
-        pairs = [(x[1], x[2], y[1], y[2]) for x, y in scored]
-        return replace(c, scan_ci=two_level_bootstrap_ci(labels, pairs, metric))
+        return _with_contrast_ci(c, [[a[s], b[t]] for s, t in c.pairs], (1.0, -1.0), key, metric, op)
 
     def metric_row(self, label: str, group: dict[int, dict], key: str, op: str = OP) -> list[str]:
         n = len(group)
@@ -410,7 +410,8 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         gain_full = _diffs(groups[2], groups[3], key)
         c = paired_comparison(gain_low, gain_full)
         if c is not None:
-            c = _with_contrast_ci(c, groups, (1.0, -1.0, -1.0, 1.0), key)
+            records = [[g.get(s) for g in groups] for s, _ in c.pairs]
+            c = _with_contrast_ci(c, records, (1.0, -1.0, -1.0, 1.0), key)
         if c is None:
             verdict, detail = "not measured", "no paired gains"
         else:
