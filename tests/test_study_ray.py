@@ -27,6 +27,7 @@ from test_study import MATRIX, TINY, _run
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install -r requirements-ray.txt); CI has it")
 
 import scripts.study.runner as runner  # noqa: E402
+from scripts.errors import InputError  # noqa: E402
 from scripts.study.executors import RayExecutor  # noqa: E402
 
 TEACHER = "teacher-f1-minmax-s0"
@@ -129,8 +130,8 @@ def test_ray_gives_the_cells_records_and_report_of_the_local_executor(two_studie
 # failures, interruption, resources (stand-in cells)
 # ----------------------------------------------------------------------------------------------------------------
 def standin_cell(ctx, cell) -> dict:
-    """A cheap cell: marks that it ran; a teacher raises, or (``HANG`` in its folder's parent) blocks until
-    cancelled, writing its process id."""
+    """A cheap cell: marks that it ran (with its process id); a teacher raises a wrapped input error, or, with
+    ``HANG`` in the run folder, blocks until cancelled."""
     marks = ctx.run_dir / "ran"
     marks.mkdir(exist_ok=True)
     (marks / cell.name).write_text(str(os.getpid()))
@@ -138,8 +139,8 @@ def standin_cell(ctx, cell) -> dict:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # until Ray cancels the task (kills this process)
             time.sleep(0.05)
-    if cell.kind == "teacher":
-        raise RuntimeError("the teacher's loss diverged")
+    if cell.kind == "teacher":  # as MONAI wraps an input error raised inside a transform
+        raise RuntimeError("applying transform <LoadScand>") from InputError("scan_07.nii.gz: not a NIfTI file")
     return {"cell": cell.name, "seconds": {}, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
@@ -156,7 +157,7 @@ def test_a_failed_teacher_fails_only_its_students_and_the_command_names_them(sta
     message = str(failed.value)
     assert message.startswith("error: 3 cells failed (the other cells finished)")
     kd = [f"student-joint_fusion_slices-kd-fg+lg-f1-tf1-template-minmax-s{s}" for s in (0, 1)]
-    assert f"{TEACHER}: RuntimeError: the teacher's loss diverged (log: " in message
+    assert f"{TEACHER}: InputError: scan_07.nii.gz: not a NIfTI file (log: " in message  # the input error, unwrapped
     for name in kd:
         assert f"{name}: not run: its teacher {TEACHER} failed" in message
         assert not (run_dir / "ran" / name).exists()  # never started

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai.utils import look_up_option
+from scripts.errors import find_input_error
 from scripts.study.cells import BUNDLE_ROOT, StudyContext, cell_dir, run_cell
 from scripts.study.matrix import Cell
 
@@ -195,7 +196,8 @@ class LocalExecutor(Executor):
                 else:
                     record = self.cell_function(plan.ctx, cell)
             except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
-                return Outcome([CellFailure(cell, str(e), folder / "log.txt")], len(plan.cells) - len(selected))
+                message = str(find_input_error(e) or e)
+                return Outcome([CellFailure(cell, message, folder / "log.txt")], len(plan.cells) - len(selected))
             record["seconds"]["wall"] = time.perf_counter() - start
             record["mode"] = "subprocess" if self.subprocess else "in-process"
             finished(cell, record)
@@ -266,7 +268,15 @@ def ray_cell_task(ctx: StudyContext, cell: Cell, teacher: dict | None, cell_func
         raise RuntimeError(f"{cell.name} was handed the record of {teacher.get('cell')}, not of its teacher.")
     clear_cell_dir(ctx.run_dir, cell)
     start = time.perf_counter()
-    record = cell_function(ctx, cell)
+    try:
+        record = cell_function(ctx, cell)
+    except SystemExit as e:  # ending the worker process would read as a lost worker, and be retried
+        raise RuntimeError(f"the cell exited ({e})") from None
+    except Exception as e:
+        inner = find_input_error(e)
+        if inner is not None and inner is not e:
+            raise inner from None  # MONAI wraps the bundle's input errors; their own message says what is wrong
+        raise
     record["seconds"]["wall"] = time.perf_counter() - start
     record["mode"] = "ray"
     record["host"] = socket.gethostname()
