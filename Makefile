@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo study study-report test test-slow test-tracking test-monailabel lint format zoo-check
+.PHONY: setup setup-ray demo study study-report test test-slow test-ray test-tracking test-monailabel lint format zoo-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Optional: Ray in the same environment, for `python -m scripts.study run --executor ray` (docs/cluster.md) and its
+# tests, which `make test` skips without it.
+$(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
+	$(PY) -m pip install --quiet -r requirements-ray.txt
+	touch $@
+
+setup-ray: $(VENV)/.ray-installed
 
 # A small study (3D teacher, 2D student with and without KD over two seeds, SBR and always-PD baselines, the external
 # set) in eval/study-demo; about ten minutes on 2 CPU cores. Running it again resumes or reprints the table.
@@ -32,6 +40,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The study's Ray executor and the cluster recipes of docs/cluster.md (also part of `make test` once Ray is installed).
+test-ray: setup-ray
+	$(PY) -m pytest -q tests/test_study_ray.py tests/test_study_ray_gpus.py tests/test_cluster_recipes.py
 
 lint: setup
 	$(VENV)/bin/ruff check scripts tests monailabel_app

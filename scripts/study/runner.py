@@ -6,8 +6,10 @@
                                 [--projections ...] [--seeds N] [--teachers N] [--variants ...] [--fractions ...]
                                 [--teacher-fraction matched|full|both] [--centres auto] [--intensities occipital]
                                 [--teacher-epochs N] [--student-epochs N] [--set KEY=VALUE ...]
-                                [--prevalence NAME=P ...] [--subprocess] [--max-cells N] [--only PATTERN ...]
-                                [--dry-run]
+                                [--prevalence NAME=P ...] [--subprocess | --jobs N] [--max-cells N]
+                                [--only PATTERN ...] [--dry-run]
+                                [--executor ray [--ray-address ADDR] [--gpus-per-teacher G] [--gpus-per-student G]
+                                                [--cpus-per-task C]]
     python -m scripts.study report RUN_DIR [--out docs/results.md] [--figures docs/figures]
     python -m scripts.study list --matrix cpu
 
@@ -20,7 +22,10 @@ finished cells are skipped, an interrupted cell is run again from scratch. When 
 
 Cells run in this process by default (MONAI's ``ConfigWorkflow`` on the bundle's configs, the code path of
 ``python -m monai.bundle run``, without paying its start-up for every run); ``--subprocess`` runs each cell in
-a fresh ``python -m scripts.study cell`` process instead (isolation from the study process, e.g. for memory).
+a fresh ``python -m scripts.study cell`` process instead (isolation from the study process, e.g. for memory),
+``--jobs N`` runs N such processes side by side, and ``--executor ray`` runs every cell as a task on a Ray
+cluster (:mod:`scripts.study.executors`, ``docs/cluster.md``). Whatever the executor, this process alone writes
+the results file, and resuming is running the same command again.
 """
 
 from __future__ import annotations
@@ -32,8 +37,6 @@ import fnmatch
 import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scripts.study.cells import BUNDLE_ROOT, StudyContext, cell_dir, run_cell
+from scripts.study.executors import EXECUTORS, CellPlan, make_executor
 from scripts.study.matrix import PRESETS, TEACHER_FRACTIONS, VARIANTS, Cell, build_cells, count_cells, preset
 from scripts.study.results import ResultsFile, SettingsMismatchError, StudyFile
 
@@ -150,30 +154,6 @@ class Progress:
         )
 
 
-def _start_subprocess(run_dir: Path, cell: Cell, threads: int | None = None) -> subprocess.Popen:
-    """Start ``python -m scripts.study cell`` for ``cell`` (output in ``<cell dir>/process.log``); ``threads`` sets
-    its ``OMP_NUM_THREADS`` (parallel jobs share the CPU cores)."""
-    folder = cell_dir(run_dir, cell)
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "scripts.study", "cell", str(run_dir), json.dumps(cell.as_dict())]
-    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with (folder / "process.log").open("a") as log:
-        return subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _subprocess_record(run_dir: Path, cell: Cell, returncode: int) -> dict:
-    folder = cell_dir(run_dir, cell)
-    if returncode != 0:
-        raise RuntimeError(f"exit status {returncode}; see {folder / 'process.log'} and {folder / 'log.txt'}")
-    return json.loads((folder / "record.json").read_text())
-
-
-def _run_subprocess(run_dir: Path, cell: Cell) -> dict:
-    return _subprocess_record(run_dir, cell, _start_subprocess(run_dir, cell).wait())
-
-
 def _check_dependencies(todo: Sequence[Cell], done: set[str], n_teachers: int) -> None:
     available = set(done)
     for cell in todo:
@@ -202,7 +182,35 @@ def exclusive(run_dir: Path) -> Iterator[None]:
             raise SystemExit(
                 f"error: another study is running in {run_dir}; wait for it or choose another --run-dir."
             ) from None
+        except OSError as e:  # a shared file system without locks (e.g. Lustre mounted without `flock`)
+            print(f"note: {run_dir} cannot be locked ({e.strerror}); run one study at a time in this folder.")
         yield
+
+
+def _check_executor_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--jobs``/``--subprocess`` belong to the local executor, ``--ray-address``/``--*-per-*`` to the Ray one."""
+    ray_options = {
+        "--ray-address": args.ray_address,
+        "--gpus-per-teacher": args.gpus_per_teacher,
+        "--gpus-per-student": args.gpus_per_student,
+        "--cpus-per-task": args.cpus_per_task,
+    }
+    if args.executor != "ray":
+        given = [k for k, v in ray_options.items() if v is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: option(s) of --executor ray.")
+        return
+    if args.jobs != 1 or args.subprocess:
+        parser.error(
+            "--jobs and --subprocess are options of the local executor; Ray runs every cell in a worker process "
+            "of its own, as many at once as the cluster's resources allow."
+        )
+    if args.cpus_per_task is None:
+        args.cpus_per_task = 1.0
+    try:
+        make_executor(args)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -225,6 +233,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(e))
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}.")
+    _check_executor_options(args, parser)
     cells = build_cells(spec)
     if args.only:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pattern) for pattern in args.only)]
@@ -278,26 +287,11 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
     counts = ", ".join(f"{n} {k}" for k, n in count_cells(cells).items())
     print(f"Study {run_dir}: {len(cells)} cells ({counts}); {len(cells) - len(todo)} finished, {len(todo)} to run.")
     ctx = context_from_study(run_dir)
-    progress = Progress(len(cells), len(cells) - len(todo), todo, jobs=args.jobs)
-    if args.jobs > 1:
-        _run_parallel(args, spec, todo, set(done), run_dir, results, progress)
-    for ran, cell in enumerate([] if args.jobs > 1 else list(todo)):
-        if args.max_cells is not None and ran >= args.max_cells:
-            print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
-            return 0
-        folder = cell_dir(run_dir, cell)
-        if folder.exists():
-            shutil.rmtree(folder)  # an interrupted cell's partial outputs; the cell runs again from scratch
-        print(f"-> {cell.name}", flush=True)
-        start = time.perf_counter()
-        try:
-            record = _run_subprocess(run_dir, cell) if args.subprocess else run_cell(ctx, cell)
-        except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
-            raise SystemExit(f"error: cell {cell.name} failed: {e} (log: {folder / 'log.txt'})") from e
-        record["seconds"]["wall"] = time.perf_counter() - start
-        record["mode"] = "subprocess" if args.subprocess else "in-process"
-        results.append(record)
-        print(progress.finished(cell, record["seconds"]["wall"]), flush=True)
+    progress = Progress(len(cells), len(cells) - len(todo), todo)
+    if todo:
+        status = _run_cells(args, CellPlan(ctx, todo, set(done), spec.teachers, args.max_cells), results, progress)
+        if status is not None:
+            return status
 
     from scripts.study.report import write_report
 
@@ -306,58 +300,42 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
     return 0
 
 
-def _run_parallel(
-    args: argparse.Namespace,
-    spec,
-    todo: Sequence[Cell],
-    done: set[str],
-    run_dir: Path,
-    results: ResultsFile,
-    progress: Progress,
-) -> None:
-    """Run ``todo`` as up to ``args.jobs`` cell processes at a time, in matrix order, each cell once its teacher cell
-    has finished; this process alone writes the results file. The CPU cores are shared: each process gets
-    ``OMP_NUM_THREADS = max(1, cores // jobs)`` unless ``OMP_NUM_THREADS`` is set."""
-    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.jobs))
-    pending, finished = list(todo), set(done)
-    running: dict[str, tuple[Cell, subprocess.Popen, float]] = {}
-    launched = 0
+def _run_cells(args: argparse.Namespace, plan: CellPlan, results: ResultsFile, progress: Progress) -> int | None:
+    """Run the plan's cells on the executor of ``args``, appending each record to ``results`` as it arrives (this
+    process is the only writer of the results file); ``None`` when every cell finished, else the exit status."""
+
+    def finished(cell: Cell, record: dict) -> None:
+        results.append(record)
+        print(progress.finished(cell, record["seconds"]["wall"]), flush=True)
+
     try:
-        while pending or running:
-            for cell in list(pending):
-                if len(running) >= args.jobs or (args.max_cells is not None and launched >= args.max_cells):
-                    break
-                teacher = cell.teacher(spec.teachers)
-                if teacher is not None and teacher.name not in finished:
-                    continue  # its teacher is still training
-                folder = cell_dir(run_dir, cell)
-                if folder.exists():
-                    shutil.rmtree(folder)  # an interrupted cell's partial outputs; the cell runs again from scratch
-                print(f"-> {cell.name}", flush=True)
-                running[cell.name] = (cell, _start_subprocess(run_dir, cell, threads), time.perf_counter())
-                pending.remove(cell)
-                launched += 1
-            if not running:
-                print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
-                return
-            time.sleep(0.5)
-            for name, (cell, proc, start) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                try:
-                    record = _subprocess_record(run_dir, cell, proc.returncode)
-                except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
-                    raise SystemExit(f"error: cell {cell.name} failed: {e}") from e
-                record["seconds"]["wall"] = time.perf_counter() - start
-                record["mode"] = f"subprocess ({args.jobs} jobs)"
-                results.append(record)
-                finished.add(name)
-                print(progress.finished(cell, record["seconds"]["wall"]), flush=True)
-    finally:
-        for _, proc, _ in running.values():  # interrupted or failed: stop the other cells (they rerun on resume)
-            proc.terminate()
-            proc.wait()
+        with make_executor(args) as executor:
+            progress.jobs = executor.slots
+            outcome = executor.run(plan, finished)
+    except KeyboardInterrupt:
+        print(
+            f"\nInterrupted: unfinished cells were stopped; {len(results.read())} finished cell(s) are in "
+            f"{results.path}. Run the same command again to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    if len(outcome.failures) == 1:
+        failure = outcome.failures[0]
+        raise SystemExit(
+            f"error: cell {failure.cell.name} failed: {failure.message}"
+            + (f" (log: {failure.log})" if failure.log else "")
+        )
+    if outcome.failures:
+        lines = "\n".join(f"  {f.line()}" for f in outcome.failures)
+        raise SystemExit(
+            f"error: {len(outcome.failures)} cells failed (the other cells finished):\n{lines}\n"
+            "Fix the cause and run the same command again: it runs the failed cells and keeps the finished ones."
+        )
+    if outcome.not_started:
+        print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
+        return 0
+    return None
 
 
 def cmd_cell(args: argparse.Namespace) -> int:
@@ -419,7 +397,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="cells run at once, each in its own process (> 1 implies --subprocess; the cores are shared)",
     )
-    run.add_argument("--max-cells", type=int, default=None, help="stop after running this many cells")
+    run.add_argument("--executor", default="local", choices=EXECUTORS, help="where cells run (default: local)")
+    run.add_argument(
+        "--ray-address", default=None, help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance)"
+    )
+    run.add_argument(
+        "--gpus-per-teacher", type=float, default=None, help="GPUs per teacher task (ray; default 1 with GPUs, else 0)"
+    )
+    run.add_argument(
+        "--gpus-per-student",
+        type=float,
+        default=None,
+        help="GPUs per student task (ray; default 0.5 with GPUs, else 0)",
+    )
+    run.add_argument("--cpus-per-task", type=float, default=None, help="CPUs (threads) per cell task (ray; default 1)")
+    run.add_argument("--max-cells", type=int, default=None, help="stop after starting this many cells")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
     run.add_argument("--no-figures", action="store_true", help="write the report without figures")
 
@@ -443,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return cmd_report(args)
     if args.command == "list":
-        args.dry_run, args.run_dir, args.jobs = True, None, 1
+        args.dry_run, args.run_dir, args.jobs, args.executor, args.subprocess = True, None, 1, "local", False
+        args.max_cells = args.ray_address = args.gpus_per_teacher = args.gpus_per_student = args.cpus_per_task = None
         return cmd_run(args, parser)
     args.external = _pairs(args.external, "--external", parser)
     args.set = _pairs(args.set, "--set", parser)
