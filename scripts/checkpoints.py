@@ -65,6 +65,7 @@ __all__ = [
     "random_transforms_seen_by",
     "claim_run_folder",
     "latest_state",
+    "HOLD_ENV",
     "TrainingState",
     "BestCheckpointSaver",
 ]
@@ -212,13 +213,33 @@ class DescribedModel:
         self.training = _plain(dict(training or {}))
         self.validator: Engine | None = None
         self._split: tuple[str, int] | None = None
+        self._scores: list[float] = []
+        self._labels: list[int] = []
 
     def attach(self, engine: Engine) -> None:
-        """Record the validation split of ``engine`` (the validator) and read its score when saving."""
+        """Record the validation split of ``engine`` (the validator), its per-scan PD scores and labels (the
+        label-free site adaptation calibrates on them, see :mod:`scripts.site_adaptation`) and read its score when
+        saving."""
         self.validator = engine
         data = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)
         if isinstance(data, Sequence) and data and all(isinstance(e, Mapping) for e in data):
             self._split = (split_digest(data), len(data))
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: (self._scores.clear(), self._labels.clear()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+
+    def _collect(self, engine: Engine) -> None:
+        """Keep P(PD) (channel 1 of ``pred``, the softmax) and the label of every validation scan."""
+        from monai.handlers import from_engine
+
+        try:
+            preds, labels = from_engine(["pred", "label"])(engine.state.output)
+            preds = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
+            labels = torch.stack([torch.as_tensor(y) for y in labels]) if isinstance(labels, list) else labels
+            preds = torch.as_tensor(preds).detach().float().reshape(len(preds), -1)
+            self._scores += preds[:, -1].cpu().tolist()
+            self._labels += torch.as_tensor(labels).detach().reshape(-1).long().cpu().tolist()
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+            return
 
     def description(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -242,6 +263,9 @@ class DescribedModel:
                 "split": self._split[0] if self._split else None,
                 "scans": self._split[1] if self._split else None,
             }
+            if self._scores and len(self._scores) == len(self._labels):
+                info["validation"]["pd_scores"] = [round(x, 6) for x in self._scores]
+                info["validation"]["labels"] = list(self._labels)
         return info
 
     def state_dict(self) -> dict:
@@ -564,6 +588,25 @@ class _SaveThenRemove(DiskSaver):
         self._pending.append(filename)
 
 
+HOLD_ENV = "PD_KD_HOLD_AFTER_EPOCH"
+"""Environment variable for the tests of interruption: with ``N`` set, training stops after writing the state of
+epoch ``N`` and waits for a signal (Ctrl-C, kill), so a signal is certain to find the run between two epochs
+whatever the machine's speed. Unset in normal use."""
+
+
+def _hold_for_a_signal(save_dir: Path, limit_s: float = 600.0) -> None:
+    """Write ``<save_dir>/held`` and sleep until a signal interrupts (``KeyboardInterrupt``) or kills the process;
+    give up after ``limit_s`` seconds so a forgotten variable never hangs a run forever."""
+    marker = save_dir / "held"
+    marker.write_text(str(os.getpid()), encoding="utf-8")
+    deadline = time.monotonic() + limit_s
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 class TrainingState:
     """Save the whole training state after every epoch; restore the latest when a run is resumed.
 
@@ -610,11 +653,18 @@ class TrainingState:
             global_step_transform=lambda e, _: e.state.epoch,
             include_self=True,
         )
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.checkpoint)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         if not self.keep_on_completion:
             engine.add_event_handler(Events.COMPLETED, self.clear)
+
+    def save(self, engine: Engine) -> None:
+        """Write this epoch's state (then, for the tests of interruption only, hold; see :data:`HOLD_ENV`)."""
+        self.checkpoint(engine)
+        hold = os.environ.get(HOLD_ENV, "")
+        if hold.isdigit() and int(hold) == engine.state.epoch:
+            _hold_for_a_signal(self.save_dir)
 
     def load(self, engine: Engine) -> None:
         path = latest_state(self.save_dir)

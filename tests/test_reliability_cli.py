@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, write_nifti
-from scripts.checkpoints import save_checkpoint
+from scripts.checkpoints import HOLD_ENV, save_checkpoint
 from scripts.networks import Student2D
 
 TINY = ["--spatial_size", "[32,32,32]", "--batch_size", "6", "--progress_bar", "false"]
@@ -158,13 +158,19 @@ def _training(root: Path, data: Path, run_name: str) -> list[str]:
             "--keep_training_state", "true", "--run_name", run_name, *TINY]  # fmt: skip
 
 
-def _interrupt(cmd: list[str], state: Path, sig: int) -> subprocess.CompletedProcess:
-    """Run ``cmd``, send ``sig`` once ``state`` (the first epoch's training state) exists."""
-    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _interrupt(cmd: list[str], state_dir: Path, sig: int) -> subprocess.CompletedProcess:
+    """Run ``cmd`` holding after its first epoch (``HOLD_ENV``), send ``sig`` once it holds there.
+
+    The run writes ``<state_dir>/held`` after the first epoch's training state and waits for the signal, so the
+    signal always lands between the two epochs, however fast or slow the machine."""
+    env = dict(_env(), **{HOLD_ENV: "1"})
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = state_dir / "held"
     deadline = time.monotonic() + 300
-    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while not held.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert proc.poll() is None and held.is_file(), f"the run did not hold after its first epoch: {proc.poll()}"
+    assert (state_dir / "state_checkpoint_1.pt").is_file()
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
@@ -186,7 +192,7 @@ def test_an_interrupted_run_says_where_it_is_and_resumes_to_the_uninterrupted_we
                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]
     root = tmp_path / "b"
-    result = _interrupt(_training(root, data, "run"), root / "eval" / "run" / "resume" / "state_checkpoint_1.pt",
+    result = _interrupt(_training(root, data, "run"), root / "eval" / "run" / "resume",
                         signal.SIGINT)  # fmt: skip
     lines = _stderr(result)
     assert result.returncode != 0 and len(lines) == 1, result.stderr[-3000:]
@@ -213,7 +219,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data):
                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]
     root = tmp_path / "b"
-    killed = _interrupt(_training(root, data, "run"), root / "eval" / "run" / "resume" / "state_checkpoint_1.pt",
+    killed = _interrupt(_training(root, data, "run"), root / "eval" / "run" / "resume",
                         signal.SIGKILL)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     resumed = subprocess.run([*_training(root, data, "run"), "--resume", "true"], cwd=BUNDLE_ROOT, env=_env(),
