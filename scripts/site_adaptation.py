@@ -1,0 +1,630 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""Label-free adaptation of the operating point to a new site (another camera, tracer or referral mix).
+
+A model applied unchanged at another site usually keeps its ranking (ROC AUC) but not its decision: its scores
+move, so the in-domain threshold calls too few (or too many) scans PD. The methods below re-derive the operating
+point from the site's own *unlabelled* scans; none of them needs a label or the site's PD share.
+
+Score methods (they read the site's ``P(PD)`` scores only):
+
+``em``
+    EM re-estimation of the class prior (Saerens, Latinne & Decaestecker 2002). The model's posteriors are first
+    calibrated on its in-domain validation scores (Platt scaling; the scores are recorded in the checkpoint), then
+    the site's prior is iterated to its maximum-likelihood value. The estimated PD share ``π̂`` sets the threshold:
+    the top ``π̂`` of the site's scans are called PD (:func:`scripts.study.operating.prevalence_threshold`).
+``bbse``
+    Black-box shift estimation (Lipton, Wang & Smola 2018): the share of scans the model calls PD at its in-domain
+    threshold, corrected by the in-domain validation confusion matrix (``π̂ = (r - FPR) / (TPR - FPR)``); the
+    threshold is then set from ``π̂`` as for ``em``.
+``mixture``
+    A two-component Gaussian mixture fitted to the site's logits ``log(p / (1 - p))``. The threshold is where the
+    two components' posteriors cross with equal class weights (the likelihood-ratio-one point, the
+    Youden-optimal threshold of two Gaussians, matching the in-domain Youden operating point); ``π̂`` is the
+    weight of the upper component. Refused when the logits do not form two separated groups.
+
+Feature method (it re-runs the network):
+
+``adabn``
+    AdaBN (Li et al. 2016): the batch-norm layers' running means and variances are re-estimated on the site's
+    scans (weights untouched), then the scans are scored with the in-domain threshold. It can be combined with a
+    score method: ``adabn+em``, ``adabn+bbse``, ``adabn+mixture``.
+
+Each method returns what it estimated (the site's PD share, the threshold on ``P(PD)``) and refuses with a
+:class:`SiteAdaptationRefusedError` (one line saying why) when the site's sample is too small or its scores are not
+separable enough to fit. On the command line (``configs/inference.json``, ``--site_adaptation``) a refusal ends
+the run with exit status :data:`EXIT_REFUSED` after the unadapted predictions are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scripts.errors import InputError
+from torch import nn
+
+__all__ = [
+    "SCORE_METHODS",
+    "EXIT_REFUSED",
+    "MIN_SCANS",
+    "SiteAdaptationRefusedError",
+    "SourceScores",
+    "parse_methods",
+    "em_prior",
+    "bbse_prior",
+    "fit_mixture",
+    "adapt_scores",
+    "adapt_batchnorm",
+    "SiteAdapter",
+]
+
+logger = logging.getLogger(__name__)
+
+SCORE_METHODS = ("none", "em", "bbse", "mixture")
+"""Methods that re-derive the threshold from the site's scores (``none`` keeps the in-domain threshold)."""
+EXIT_REFUSED = 3
+"""Exit status of ``python -m monai.bundle run`` when the site adaptation was refused (the predictions are kept)."""
+MIN_SCANS = 40
+"""Default minimum number of a site's scans below which every method refuses (see ``docs/new_site.md``)."""
+_EPS = 1e-6
+
+
+class SiteAdaptationRefusedError(InputError):
+    """The site's scans do not allow the requested adaptation (too few, or scores not separable)."""
+
+
+def parse_methods(spec: str) -> tuple[bool, str]:
+    """``(adabn, score method)`` of a ``--site_adaptation`` value: ``none``, ``em``, ``bbse``, ``mixture``,
+    ``adabn`` or ``adabn+<score method>``.
+
+    Raises:
+        InputError: for any other value, listing the valid ones.
+    """
+    parts = [p.strip().lower() for p in str(spec).split("+") if p.strip()]
+    adabn = "adabn" in parts
+    rest = [p for p in parts if p != "adabn"]
+    valid = ", ".join(["none", "adabn", *SCORE_METHODS[1:], *(f"adabn+{m}" for m in SCORE_METHODS[1:])])
+    if not parts or len(rest) > 1 or parts.count("adabn") > 1 or (rest and rest[0] not in SCORE_METHODS):
+        raise InputError(f"--site_adaptation {spec!r} is not a method; valid: {valid}.")
+    method = rest[0] if rest else "none"
+    if adabn and method == "none" and "none" in parts:
+        raise InputError(f"--site_adaptation {spec!r} is not a method; valid: {valid}.")
+    return adabn, method
+
+
+def _scores(scores: Sequence[float], what: str = "scores") -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(s > 1):
+        raise SiteAdaptationRefusedError(f"{what} must be probabilities P(PD) in [0, 1].")
+    return s
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z: np.ndarray | float) -> np.ndarray | float:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def _check_size(n: int, min_scans: int, method: str) -> None:
+    if n < min_scans:
+        raise SiteAdaptationRefusedError(
+            f"{method}: the site has {n} scored scans, at least {min_scans} are needed to estimate its operating "
+            "point; score more of the site's scans or keep the in-domain threshold (--site_adaptation none)."
+        )
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+@dataclass
+class SourceScores:
+    """The in-domain validation scores recorded with a checkpoint: what ``em`` and ``bbse`` calibrate on.
+
+    Attributes:
+        scores: validation ``P(PD)`` per scan.
+        labels: validation labels (1 = PD).
+        threshold: the in-domain operating point on ``P(PD)`` (Youden's J on the validation scores).
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    threshold: float
+
+    @classmethod
+    def from_arrays(cls, scores: Sequence[float], labels: Sequence[int], threshold: float | None = None):
+        from scripts.study.operating import youden_threshold
+
+        s = _scores(scores, "validation scores")
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if s.size != y.size or s.size == 0 or not np.isin(y, (0, 1)).all():
+            raise InputError("validation scores and labels must be non-empty, of equal length, labels 0/1.")
+        if y.min() == y.max():
+            raise SiteAdaptationRefusedError("the recorded validation scores hold one class only; cannot calibrate.")
+        t = youden_threshold(y, s) if threshold is None else float(threshold)
+        return cls(scores=s, labels=y, threshold=t)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> SourceScores | None:
+        """The validation scores recorded in ``path`` (see :class:`scripts.checkpoints.DescribedModel`), or
+        ``None`` for a checkpoint saved without them."""
+        from scripts.checkpoints import read_checkpoint
+
+        _, info = read_checkpoint(path)
+        validation = (info or {}).get("validation") or {}
+        scores, labels = validation.get("pd_scores"), validation.get("labels")
+        if not scores or not labels:
+            return None
+        return cls.from_arrays(scores, labels)
+
+    @property
+    def prior(self) -> float:
+        return float(self.labels.mean())
+
+    @property
+    def auc(self) -> float:
+        return _auc(self.labels, self.scores)
+
+
+def _platt(scores: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 100) -> tuple[float, float]:
+    """Logistic regression of ``labels`` on the logit of ``scores`` (Newton's method, a small ridge): ``(a, b)``
+    with calibrated ``P(PD) = sigmoid(a · logit(p) + b)`` under the validation prior."""
+    z = _logit(scores)
+    scale = max(float(np.std(z)), 1e-3)
+    x = np.stack([z / scale, np.ones_like(z)], axis=1)
+    w = np.zeros(2)
+    for _ in range(iterations):
+        p = _sigmoid(x @ w)
+        grad = x.T @ (p - labels) + l2 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0] / scale), float(w[1])
+
+
+def em_prior(
+    scores: Sequence[float], source: SourceScores, min_scans: int = MIN_SCANS, tol: float = 1e-8, max_iter: int = 10_000
+) -> dict[str, Any]:
+    """Maximum-likelihood PD share of a site (Saerens et al. 2002) from its ``P(PD)`` scores ``(N,)``.
+
+    The posteriors are calibrated on ``source`` (Platt scaling on the validation logits, so they are posteriors
+    under the validation prior ``π_s``), then ``π`` is iterated: ``q_i ∝ (π/π_s)·p_i`` against
+    ``((1-π)/(1-π_s))·(1-p_i)``, ``π ← mean(q_i)``.
+
+    Returns:
+        ``{"pd_share", "iterations", "converged", "calibration": {"a", "b"}, "source_prior"}``.
+
+    Raises:
+        SiteAdaptationRefusedError: too few scans, or the calibration finds no ranking in the validation scores.
+    """
+    s = _scores(scores, "site scores")
+    _check_size(s.size, min_scans, "em")
+    if source.auc < 0.75:
+        raise SiteAdaptationRefusedError(
+            f"em: the model's validation scores barely separate the classes (ROC AUC {source.auc:.2f} < 0.75); "
+            "its posteriors cannot be calibrated."
+        )
+    a, b = _platt(source.scores, source.labels)
+    if a <= 0:
+        raise SiteAdaptationRefusedError("em: the calibration of the validation scores has a non-positive slope.")
+    p = _sigmoid(a * _logit(s) + b)
+    prior_s = source.prior
+    pi, converged, iterations = prior_s, False, 0
+    while iterations < max_iter:
+        iterations += 1
+        num = (pi / prior_s) * p
+        q = num / (num + ((1 - pi) / (1 - prior_s)) * (1 - p))
+        new = float(q.mean())
+        if abs(new - pi) < tol:
+            pi, converged = new, True
+            break
+        pi = new
+    return {
+        "pd_share": pi,
+        "iterations": iterations,
+        "converged": converged,
+        "calibration": {"a": a, "b": b},
+        "source_prior": prior_s,
+    }
+
+
+def bbse_prior(scores: Sequence[float], source: SourceScores, min_scans: int = MIN_SCANS) -> dict[str, Any]:
+    """Black-box shift estimate of a site's PD share (Lipton et al. 2018) from its ``P(PD)`` scores ``(N,)``.
+
+    With the model's hard decisions at the in-domain threshold, the validation confusion matrix gives
+    ``TPR`` and ``FPR``; the share called PD at the site, ``r``, estimates ``π̂ = (r - FPR) / (TPR - FPR)``
+    (clipped to [0, 1]).
+
+    Returns:
+        ``{"pd_share", "called_pd", "tpr", "fpr", "clipped"}``.
+
+    Raises:
+        SiteAdaptationRefusedError: too few scans, or a confusion matrix too close to singular (``TPR - FPR < 0.5``).
+    """
+    s = _scores(scores, "site scores")
+    _check_size(s.size, min_scans, "bbse")
+    called = source.scores >= source.threshold
+    tpr = float(called[source.labels == 1].mean())
+    fpr = float(called[source.labels == 0].mean())
+    if tpr - fpr < 0.5:
+        raise SiteAdaptationRefusedError(
+            f"bbse: the validation confusion matrix is nearly singular (TPR {tpr:.2f} - FPR {fpr:.2f} < 0.5)."
+        )
+    r = float((s >= source.threshold).mean())
+    raw = (r - fpr) / (tpr - fpr)
+    return {
+        "pd_share": float(min(1.0, max(0.0, raw))),
+        "called_pd": r,
+        "tpr": tpr,
+        "fpr": fpr,
+        "clipped": raw != min(1.0, max(0.0, raw)),
+    }
+
+
+def _normal_pdf(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
+    return np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+
+
+def _crossing(m0: float, s0: float, m1: float, s1: float, w0: float = 0.5, w1: float = 0.5) -> float:
+    """The point between ``m0 < m1`` where ``w0·N(m0, s0)`` and ``w1·N(m1, s1)`` are equal (the midpoint of the
+    means when no crossing lies between them)."""
+    a = 1 / (2 * s1**2) - 1 / (2 * s0**2)
+    b = m0 / s0**2 - m1 / s1**2
+    c = m1**2 / (2 * s1**2) - m0**2 / (2 * s0**2) - math.log((w1 * s0) / (w0 * s1))
+    if abs(a) < 1e-12:
+        roots = [-c / b] if abs(b) > 1e-12 else []
+    else:
+        disc = b * b - 4 * a * c
+        roots = [] if disc < 0 else [(-b + sgn * math.sqrt(disc)) / (2 * a) for sgn in (1, -1)]
+    inside = [r for r in roots if m0 <= r <= m1]
+    return float(inside[0]) if inside else float((m0 + m1) / 2)
+
+
+def fit_mixture(
+    scores: Sequence[float],
+    min_scans: int = MIN_SCANS,
+    min_separation: float = 2.0,
+    min_weight: float = 0.05,
+    max_iter: int = 500,
+) -> dict[str, Any]:
+    """Two-component Gaussian mixture on the logits of a site's ``P(PD)`` scores ``(N,)``.
+
+    Fitted by EM (initial means at the 25th and 75th percentiles). The threshold is the logit where the two
+    components' densities cross between their means (equal class weights: the likelihood-ratio-one point, which
+    for two Gaussians is the Youden-optimal threshold); ``bayes_threshold`` is the crossing with the fitted
+    weights (the minimum-error threshold at the estimated share), recorded for information.
+
+    Returns:
+        ``{"pd_share", "threshold", "logit_threshold", "bayes_threshold", "means", "sds", "weights",
+        "separation", "bic_gain"}`` (thresholds on ``P(PD)`` unless named ``logit_``).
+
+    Raises:
+        SiteAdaptationRefusedError: too few scans; or the logits are not two separated groups: Ashman's
+            ``D = √2·|μ1 - μ0| / √(σ0² + σ1²)`` below ``min_separation``, a component weight below
+            ``min_weight``, or one Gaussian fitting as well (BIC).
+    """
+    s = _scores(scores, "site scores")
+    _check_size(s.size, min_scans, "mixture")
+    z = _logit(s)
+    sd_all = float(np.std(z))
+    if sd_all < 1e-6:
+        raise SiteAdaptationRefusedError("mixture: every site scan has the same score; nothing to separate.")
+    floor = max(0.25, 0.05 * sd_all)
+    means = np.percentile(z, [25, 75]).astype(np.float64)
+    if means[1] - means[0] < 1e-6:
+        means = np.array([z.min(), z.max()], dtype=np.float64)
+    sds = np.full(2, max(sd_all / 2, floor))
+    weights = np.array([0.5, 0.5])
+    loglik = -np.inf
+    for _ in range(max_iter):
+        dens = np.stack([w * _normal_pdf(z, m, sd) for w, m, sd in zip(weights, means, sds)], axis=1) + 1e-300
+        total = dens.sum(axis=1, keepdims=True)
+        resp = dens / total
+        nk = resp.sum(axis=0) + 1e-12
+        weights = nk / z.size
+        means = (resp * z[:, None]).sum(axis=0) / nk
+        sds = np.maximum(np.sqrt((resp * (z[:, None] - means) ** 2).sum(axis=0) / nk), floor)
+        new = float(np.log(total).sum())
+        if abs(new - loglik) < 1e-9 * max(1.0, abs(new)):
+            loglik = new
+            break
+        loglik = new
+    order = np.argsort(means)
+    means, sds, weights = means[order], sds[order], weights[order]
+    loglik1 = float(np.log(_normal_pdf(z, float(z.mean()), max(sd_all, floor)) + 1e-300).sum())
+    bic_gain = (2 * math.log(z.size) - 2 * loglik1) - (5 * math.log(z.size) - 2 * loglik)  # BIC(1) - BIC(2)
+    separation = float(math.sqrt(2) * (means[1] - means[0]) / math.sqrt(sds[0] ** 2 + sds[1] ** 2))
+    fit = {
+        "means": means.tolist(),
+        "sds": sds.tolist(),
+        "weights": weights.tolist(),
+        "separation": separation,
+        "bic_gain": float(bic_gain),
+    }
+    if bic_gain <= 0 or separation < min_separation or weights.min() < min_weight:
+        why = (
+            "one Gaussian fits the logits as well as two"
+            if bic_gain <= 0
+            else f"separation D = {separation:.2f} < {min_separation:g}"
+            if separation < min_separation
+            else f"a component holds only {weights.min():.0%} of the scans (< {min_weight:.0%})"
+        )
+        raise SiteAdaptationRefusedError(
+            f"mixture: the site's scores do not form two separated groups ({why}); the threshold cannot be fitted."
+        )
+    t = _crossing(means[0], sds[0], means[1], sds[1])
+    t_bayes = _crossing(means[0], sds[0], means[1], sds[1], weights[0], weights[1])
+    return {
+        "pd_share": float(weights[1]),
+        "threshold": float(_sigmoid(t)),
+        "logit_threshold": t,
+        "bayes_threshold": float(_sigmoid(t_bayes)),
+        **fit,
+    }
+
+
+def adapt_scores(
+    method: str,
+    scores: Sequence[float],
+    source: SourceScores | None,
+    in_domain_threshold: float | None = None,
+    min_scans: int = MIN_SCANS,
+) -> dict[str, Any]:
+    """The operating point of a site by ``method`` (one of :data:`SCORE_METHODS`) from its ``P(PD)`` scores.
+
+    Args:
+        method: ``none`` (the in-domain threshold), ``em``, ``bbse`` or ``mixture``.
+        scores: the site's ``P(PD)`` per scan ``(N,)``.
+        source: the model's validation scores (needed by ``em`` and ``bbse``).
+        in_domain_threshold: the threshold of ``none``; defaults to ``source.threshold``, else 0.5.
+        min_scans: below this many scans every method but ``none`` refuses.
+
+    Returns:
+        ``{"method", "threshold", "pd_share" (estimated; ``None`` for ``none``), "called_pd", "n_scans",
+        "details"}``.
+
+    Raises:
+        SiteAdaptationRefusedError: the method cannot be applied to these scans (the message says why).
+    """
+    from scripts.study.operating import prevalence_threshold
+
+    s = _scores(scores, "site scores")
+    if method not in SCORE_METHODS:
+        raise InputError(f"unknown score method {method!r}; valid: {', '.join(SCORE_METHODS)}.")
+    if in_domain_threshold is None:
+        in_domain_threshold = source.threshold if source is not None else 0.5
+    if method in ("em", "bbse") and source is None:
+        raise SiteAdaptationRefusedError(
+            f"{method}: the checkpoint holds no validation scores to calibrate on (it predates their recording); "
+            "retrain it with this bundle, or use --site_adaptation mixture."
+        )
+    details: dict[str, Any] = {}
+    if method == "none":
+        threshold, share = float(in_domain_threshold), None
+    elif method == "mixture":
+        details = fit_mixture(s, min_scans=min_scans)
+        threshold, share = details.pop("threshold"), details.pop("pd_share")
+    else:
+        details = em_prior(s, source, min_scans=min_scans) if method == "em" else bbse_prior(s, source, min_scans)
+        share = details.pop("pd_share")
+        threshold = prevalence_threshold(s, share)
+    return {
+        "method": method,
+        "threshold": float(threshold),
+        "pd_share": None if share is None else float(share),
+        "called_pd": float((s >= threshold).mean()) if s.size else 0.0,
+        "n_scans": int(s.size),
+        "details": details,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AdaBN
+# ----------------------------------------------------------------------------------------------------------------
+_BN = (nn.modules.batchnorm._BatchNorm,)
+
+
+@torch.no_grad()
+def adapt_batchnorm(network: nn.Module, batches: Iterable[torch.Tensor], min_scans: int = MIN_SCANS) -> int:
+    """AdaBN: replace the running mean and variance of every batch-norm layer of ``network`` by the statistics of
+    the site's inputs ``batches`` (cumulative average over all batches); weights and every other buffer are left
+    untouched, and the network ends in eval mode. Returns the number of inputs seen.
+
+    Raises:
+        SiteAdaptationRefusedError: fewer than ``min_scans`` inputs, or a network without batch-norm layers.
+    """
+    layers = [m for m in network.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not layers:
+        raise SiteAdaptationRefusedError("adabn: the network has no batch-norm layer to adapt.")
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers}
+    momenta = {m: m.momentum for m in layers}
+    network.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    seen = 0
+    try:
+        for x in batches:
+            if x.shape[0] < 2:  # a single scan gives no variance; it is still scored later
+                continue
+            network(x)
+            seen += int(x.shape[0])
+    finally:
+        for m in layers:
+            m.momentum = momenta[m]
+            m.eval()
+    if seen < min_scans:
+        for m, (mean, var, n) in saved.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+        raise SiteAdaptationRefusedError(
+            f"adabn: {seen} of the site's scans could be used to re-estimate the batch-norm statistics, at least "
+            f"{min_scans} are needed."
+        )
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inference
+# ----------------------------------------------------------------------------------------------------------------
+class SiteAdapter:
+    """The ``--site_adaptation`` option of ``configs/inference.json``.
+
+    Attached to the evaluator (after its ``CheckpointLoader``), it re-estimates the batch-norm statistics on the
+    site's scans when ``adabn`` is asked for, before any scan is scored. :meth:`finish` (a ``run`` step after the
+    evaluator) applies the score method to the scores :class:`scripts.handlers.PredictionSaver` collected, writes
+    ``site_adaptation.json`` (method, estimated PD share, threshold, fit details) next to ``predictions.csv``, and
+    adds the adapted decision to ``predictions.csv`` (``adapted_class``, ``adapted_label``). A refusal is recorded
+    there too; :meth:`raise_on_refusal` (the last ``run`` step) then ends the command line with a one-line error
+    and exit status :data:`EXIT_REFUSED`.
+
+    Args:
+        methods: the ``--site_adaptation`` value (see :func:`parse_methods`).
+        prediction_saver: the run's :class:`scripts.handlers.PredictionSaver`.
+        model_file: the checkpoint (its recorded validation scores calibrate ``em`` and ``bbse``).
+        min_scans: minimum number of the site's scans.
+    """
+
+    def __init__(self, methods: str, prediction_saver: Any, model_file: str = "", min_scans: int = MIN_SCANS):
+        self.spec = str(methods)
+        self.adabn, self.method = parse_methods(methods)
+        self.saver = prediction_saver
+        self.model_file = str(model_file)
+        try:
+            self.min_scans = int(min_scans)
+        except (TypeError, ValueError):
+            raise InputError(f"--site_adaptation_min_scans must be an integer, got {min_scans!r}.") from None
+        self.refusal: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.adabn_scans = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.adabn or self.method != "none"
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.adabn:
+            engine.add_event_handler(Events.STARTED, self._adabn)
+
+    def _inputs(self, engine: Any) -> Iterable[torch.Tensor]:
+        from scripts.data import FAILED_KEY
+
+        for batch in engine.data_loader:
+            if isinstance(batch, dict):
+                batch.pop(FAILED_KEY, None)
+                if "image" not in batch:
+                    continue
+            inputs, _ = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
+            yield inputs
+
+    def _adabn(self, engine: Any) -> None:
+        try:
+            self.adabn_scans = adapt_batchnorm(engine.network, self._inputs(engine), self.min_scans)
+            engine.logger.info(f"adabn: batch-norm statistics re-estimated on {self.adabn_scans} site scans")
+        except SiteAdaptationRefusedError as e:
+            self.refusal = str(e)
+            engine.logger.warning(f"site adaptation refused: {e}; scans scored with the in-domain statistics")
+
+    def _source(self) -> SourceScores | None:
+        if not self.model_file or not Path(self.model_file).is_file():
+            return None
+        return SourceScores.from_checkpoint(self.model_file)
+
+    def finish(self) -> dict[str, Any] | None:
+        """Apply the score method, write ``site_adaptation.json`` and the adapted columns; never raises for a
+        refusal (see :meth:`raise_on_refusal`)."""
+        from scripts.handlers import atomic_write_json
+
+        if not self.enabled:
+            return None
+        rows = [r for r in self.saver.rows if not r.get("error")]
+        scores = [float(r["pd_probability"]) for r in rows]
+        source = self._source()
+        in_domain = source.threshold if source is not None else float(self.saver.threshold)
+        out: dict[str, Any] = {
+            "site_adaptation": self.spec,
+            "adabn": {"applied": self.adabn and self.refusal is None, "scans": self.adabn_scans}
+            if self.adabn
+            else None,
+            "in_domain_threshold": in_domain,
+            "model_file": self.model_file,
+            "min_scans": self.min_scans,
+        }
+        result = None
+        if self.refusal is None:
+            try:
+                result = adapt_scores(self.method, scores, source, in_domain, self.min_scans)
+            except SiteAdaptationRefusedError as e:
+                self.refusal = str(e)
+        out["refused"] = self.refusal
+        if result is not None:
+            out.update(result)
+            out["called_pd_in_domain"] = float(np.mean(np.asarray(scores) >= in_domain)) if scores else 0.0
+        self.result = out
+        atomic_write_json(self.saver.output_dir / "site_adaptation.json", out)
+        self._write_columns(None if result is None else result["threshold"])
+        return out
+
+    def _write_columns(self, threshold: float | None) -> None:
+        path = self.saver.csv_path
+        fields = list(self.saver.FIELDS) + ["adapted_class", "adapted_label"]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in self.saver.rows:
+                adapted = {"adapted_class": "", "adapted_label": ""}
+                if threshold is not None and not row.get("error"):
+                    c = int(float(row["pd_probability"]) >= threshold)
+                    adapted = {"adapted_class": c, "adapted_label": "PD" if c else "HC"}
+                writer.writerow({**row, **adapted})
+        os.replace(tmp, path)
+
+    def raise_on_refusal(self) -> None:
+        """End the run when the adaptation was refused: on MONAI's command line a one-line ``error:`` and exit
+        status :data:`EXIT_REFUSED`; elsewhere a :class:`SiteAdaptationRefusedError`."""
+        if self.refusal is None:
+            return
+        message = f"site adaptation refused: {self.refusal} (unadapted predictions kept in {self.saver.csv_path})"
+        from scripts.errors import _running_cli
+
+        if _running_cli():
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(EXIT_REFUSED)
+        raise SiteAdaptationRefusedError(message)
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, float]:
+    """``{image: P(PD)}`` of a ``predictions.csv`` written by :class:`scripts.handlers.PredictionSaver`."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return {r["image"]: float(r["pd_probability"]) for r in csv.DictReader(f) if r.get("pd_probability")}
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    """One line of ``site_adaptation.json`` for a log."""
+    if result.get("refused"):
+        return f"site adaptation {result['site_adaptation']}: refused ({result['refused']})"
+    share = result.get("pd_share")
+    est = f"estimated PD share {share:.2f}, " if share is not None else ""
+    return f"site adaptation {result['site_adaptation']}: {est}threshold {result['threshold']:.4f}"

@@ -1,0 +1,283 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""Label-free site adaptation: prior estimation, mixture threshold, AdaBN, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scripts.errors import InputError
+from scripts.site_adaptation import (
+    SiteAdaptationRefusedError,
+    SourceScores,
+    adapt_batchnorm,
+    adapt_scores,
+    bbse_prior,
+    em_prior,
+    fit_mixture,
+    parse_methods,
+)
+from torch import nn
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _scores(rng, n_pd, n_hc, gap=2.5, sd=1.0, shift=0.0):
+    """P(PD) of a model whose logits are N(+gap, sd) for PD and N(-gap, sd) for HC (plus a site shift)."""
+    z = np.concatenate([rng.normal(gap, sd, n_pd), rng.normal(-gap, sd, n_hc)]) + shift
+    y = np.r_[np.ones(n_pd, int), np.zeros(n_hc, int)]
+    return _sigmoid(z), y
+
+
+def _source(rng, n=400, prior=0.7):
+    s, y = _scores(rng, int(n * prior), n - int(n * prior))
+    return SourceScores.from_arrays(s, y)
+
+
+@pytest.mark.parametrize("true_prior", [0.2, 0.5, 0.8])
+def test_em_recovers_a_known_prior(true_prior):
+    rng = np.random.default_rng(0)
+    source = _source(rng)
+    n = 2000
+    site, _ = _scores(rng, int(n * true_prior), n - int(n * true_prior))
+    out = em_prior(site, source)
+    assert out["converged"]
+    assert abs(out["pd_share"] - true_prior) < 0.03
+    # the threshold it leads to calls about the true share PD and keeps both classes right
+    adapted = adapt_scores("em", site, source)
+    assert abs(adapted["called_pd"] - true_prior) < 0.04
+
+
+def test_bbse_recovers_a_known_prior_and_refuses_a_weak_model():
+    rng = np.random.default_rng(1)
+    source = _source(rng)
+    site, _ = _scores(rng, 300, 1700)
+    assert abs(bbse_prior(site, source)["pd_share"] - 0.15) < 0.04
+    weak = SourceScores.from_arrays(*_scores(rng, 200, 200, gap=0.2))
+    with pytest.raises(SiteAdaptationRefusedError, match="nearly singular"):
+        bbse_prior(site, weak)
+
+
+def test_mixture_threshold_on_separable_scores():
+    rng = np.random.default_rng(2)
+    # a site whose scores moved down (every logit -2): the in-domain threshold 0.5 misses PD scans
+    site, y = _scores(rng, 60, 140, shift=-2.0)
+    out = fit_mixture(site)
+    assert abs(out["pd_share"] - 0.3) < 0.06
+    # the equal-weight crossing of two equal Gaussians is the midpoint of the means: logit -2
+    assert abs(out["logit_threshold"] - (-2.0)) < 0.5
+    called = site >= out["threshold"]
+    assert called[y == 1].mean() >= 0.95 and (~called[y == 0]).mean() >= 0.95
+    assert (site[y == 1] >= 0.5).mean() < 0.8  # the in-domain threshold does miss them
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: _sigmoid(rng.normal(0.0, 1.5, 200)),  # one group
+        lambda rng: _scores(rng, 100, 100, gap=0.5)[0],  # two overlapping groups
+        lambda rng: np.full(200, 0.7),  # constant
+    ],
+)
+def test_mixture_refuses_non_separable_scores(make):
+    with pytest.raises(SiteAdaptationRefusedError, match="mixture"):
+        fit_mixture(make(np.random.default_rng(3)))
+
+
+def test_every_method_refuses_a_small_site():
+    rng = np.random.default_rng(4)
+    source = _source(rng)
+    site, _ = _scores(rng, 10, 10)
+    for method in ("em", "bbse", "mixture"):
+        with pytest.raises(SiteAdaptationRefusedError, match=f"{method}: the site has 20 scored scans"):
+            adapt_scores(method, site, source, min_scans=40)
+    assert adapt_scores("none", site, source)["threshold"] == source.threshold
+
+
+def test_em_and_bbse_need_validation_scores():
+    with pytest.raises(SiteAdaptationRefusedError, match="no validation scores"):
+        adapt_scores("em", np.full(50, 0.5), None)
+
+
+def test_parse_methods():
+    assert parse_methods("none") == (False, "none")
+    assert parse_methods("adabn+em") == (True, "em")
+    assert parse_methods("Mixture") == (False, "mixture")
+    assert parse_methods("adabn") == (True, "none")
+    for bad in ("em+bbse", "foo", "", "adabn+adabn", "adabn+none"):
+        with pytest.raises(InputError, match="not a method"):
+            parse_methods(bad)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+        self.bn1d = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.bn1d(self.fc(self.bn(self.conv(x)).mean(dim=(2, 3))))
+
+
+def test_adabn_changes_only_batchnorm_buffers():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    site = [torch.randn(8, 1, 10, 10) * 3 + 5 for _ in range(6)]
+    assert adapt_batchnorm(net, site, min_scans=40) == 48
+    assert not net.training and all(not m.training for m in net.modules())
+    for k, v in net.named_parameters():
+        assert torch.equal(v, params[k]), k
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+        "bn1d.running_mean",
+        "bn1d.running_var",
+        "bn1d.num_batches_tracked",
+    }
+    # the statistics are the site's: the first BN's mean is the conv output's mean over all site inputs
+    with torch.no_grad():
+        feats = torch.cat([net.conv(x) for x in site])
+    assert torch.allclose(net.bn.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert net.bn.momentum == 0.1
+
+
+def test_adabn_refuses_too_few_scans_and_restores_statistics():
+    net = _Net().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(SiteAdaptationRefusedError, match="adabn: 16 of the site's scans"):
+        adapt_batchnorm(net, [torch.randn(8, 1, 10, 10) for _ in range(2)], min_scans=40)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("decollated", [True, False])
+def test_checkpoint_records_validation_scores(tmp_path, decollated):
+    from ignite.engine import Engine, Events
+    from scripts.checkpoints import DescribedModel, checkpoint_metadata, save_checkpoint
+
+    net = _Net()
+    model = DescribedModel(net, {"projection": "x"})
+    batches = [
+        (torch.tensor([[0.2, 0.8], [0.9, 0.1]]), torch.tensor([1, 0])),
+        (torch.tensor([[0.3, 0.7]]), torch.tensor([1])),
+    ]
+
+    def step(engine, batch):
+        pred, label = batch
+        if decollated:
+            return [{"pred": p, "label": y} for p, y in zip(pred, label)]
+        return {"pred": pred, "label": label[:, None]}
+
+    validator = Engine(step)
+    model.attach(validator)
+    validator.state.key_metric_name = "val_f1_macro"
+    validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_f1_macro=0.9))
+    validator.run(batches, max_epochs=2)  # the second epoch replaces the first one's scores
+    path = save_checkpoint(net, tmp_path / "m.pt", {"projection": "x"})
+    assert path.is_file()
+    source_state = model.state_dict()
+    info = checkpoint_metadata(source_state)
+    assert info["validation"]["pd_scores"] == pytest.approx([0.8, 0.1, 0.7])
+    assert info["validation"]["labels"] == [1, 0, 1]
+    torch.save(source_state, tmp_path / "v.pt")
+    source = SourceScores.from_checkpoint(tmp_path / "v.pt")
+    assert source.labels.tolist() == [1, 0, 1] and 0.1 < source.threshold <= 0.7
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# through the command line
+# ----------------------------------------------------------------------------------------------------------------
+CLI_SETTINGS = {
+    "spatial_size": [32, 32, 32],
+    "intensity": "minmax",
+    "projection": "joint_fusion_slices",
+    "view": "axial",
+    "num_slices": 3,
+    "gap": 0,
+    "student_backbone": "resnet18",
+    "num_classes": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def site_root(tmp_path_factory):
+    """A bundle root whose models/model.pt is a student with recorded validation scores (a 32³ grid)."""
+    from scripts.checkpoints import METADATA_KEY, save_checkpoint
+    from scripts.networks import Student2D
+
+    root = tmp_path_factory.mktemp("site_bundle")
+    torch.manual_seed(0)
+    path = save_checkpoint(Student2D(), root / "models" / "model.pt", CLI_SETTINGS, kind="student")
+    state = torch.load(path, weights_only=True)
+    rng = np.random.default_rng(0)
+    scores, labels = _scores(rng, 28, 12)
+    state._metadata[METADATA_KEY]["validation"] = {
+        "metric": "val_f1_macro",
+        "score": 0.9,
+        "pd_scores": scores.round(6).tolist(),
+        "labels": labels.tolist(),
+    }
+    torch.save(state, path)
+    return root
+
+
+def _bundle(root, *args):
+    import os
+    import subprocess
+    import sys
+
+    from scripts.study.cells import BUNDLE_ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BUNDLE_ROOT))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--bundle_root", str(root), "--spatial_size", "[32,32,32]", *args]
+    return subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_site_adaptation_reaches_the_outputs(tiny_phantom_dataset, site_root):
+    import csv
+    import json
+
+    images = tiny_phantom_dataset.parent / "images"
+    result = _bundle(site_root, "--input", str(images), "--run_name", "em", "--site_adaptation", "adabn+em",
+                     "--site_adaptation_min_scans", "10")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = site_root / "eval" / "em"
+    out = json.loads((run / "site_adaptation.json").read_text())
+    assert out["site_adaptation"] == "adabn+em" and out["refused"] is None
+    assert out["adabn"]["applied"] and out["adabn"]["scans"] >= 10
+    assert 0.0 <= out["pd_share"] <= 1.0 and 0.0 <= out["threshold"] <= 1.0
+    with (run / "predictions.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == out["n_scans"]
+    for row in rows:
+        assert row["adapted_class"] == str(int(float(row["pd_probability"]) >= out["threshold"]))
+        assert row["adapted_label"] == ("PD" if row["adapted_class"] == "1" else "HC")
+
+
+def test_cli_refusal_is_one_line_with_its_own_exit_status(tiny_phantom_dataset, site_root):
+    import json
+
+    from scripts.site_adaptation import EXIT_REFUSED
+
+    images = tiny_phantom_dataset.parent / "images"
+    result = _bundle(site_root, "--input", str(images), "--run_name", "small", "--site_adaptation", "mixture",
+                     "--site_adaptation_min_scans", "1000")  # fmt: skip
+    assert result.returncode == EXIT_REFUSED, result.stderr[-3000:]
+    lines = [x for x in result.stderr.splitlines() if x.strip() and "GHSA-873f-pvrv-4x83" not in x]
+    assert len(lines) == 1 and lines[0].startswith("error: site adaptation refused: mixture: the site has"), lines
+    run = site_root / "eval" / "small"
+    assert json.loads((run / "site_adaptation.json").read_text())["refused"].startswith("mixture: the site has")
+    assert (run / "predictions.csv").is_file()  # the unadapted predictions are kept
+
+    bad = _bundle(site_root, "--input", str(images), "--run_name", "bad", "--site_adaptation", "magic")
+    assert bad.returncode == 1 and "--site_adaptation 'magic' is not a method" in bad.stderr
