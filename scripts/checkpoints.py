@@ -60,6 +60,7 @@ __all__ = [
     "save_checkpoint",
     "split_digest",
     "DescribedModel",
+    "datalist_of",
     "check_checkpoint",
     "check_teacher",
     "random_transforms_seen_by",
@@ -187,6 +188,25 @@ def save_checkpoint(
     return path
 
 
+def datalist_of(loader: Any) -> list[Mapping] | None:
+    """The datalist (``[{"image": ..., "label": ...}, ...]``) a data loader reads, whatever the data path: a MONAI
+    ``Dataset``/``CacheDataset`` (``.data``), one wrapped by another dataset (``.dataset``), or the bundle's
+    :class:`scripts.fast_data.CacheBatchLoader` whose stacked cache keeps the dataset it was filled from
+    (``.source``). ``None`` when none is found."""
+    seen: set[int] = set()
+    pending = [loader]
+    while pending:
+        obj = pending.pop(0)
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        data = getattr(obj, "data", None)
+        if isinstance(data, Sequence) and data and all(isinstance(e, Mapping) and "image" in e for e in data):
+            return list(data)
+        pending += [getattr(obj, name, None) for name in ("source", "dataset", "data_source")]
+    return None
+
+
 class DescribedModel:
     """The network as its checkpoints are saved: its state dict carries what serving it takes.
 
@@ -221,8 +241,8 @@ class DescribedModel:
         label-free site adaptation calibrates on them, see :mod:`scripts.site_adaptation`) and read its score when
         saving."""
         self.validator = engine
-        data = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)
-        if isinstance(data, Sequence) and data and all(isinstance(e, Mapping) for e in data):
+        data = datalist_of(getattr(engine, "data_loader", None))
+        if data:
             self._split = (split_digest(data), len(data))
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: (self._scores.clear(), self._labels.clear()))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)

@@ -111,6 +111,22 @@ class PublishCheckpoint:
       :class:`scripts.checkpoints.DescribedModel`), unless ``overwrite``;
     * the previous file is kept as ``models/previous/<name>``;
     * the copy goes through a uniquely named temporary file and an atomic rename, under an inter-process lock, so
+def _better_backup(backup: Path, current: Path) -> bool:
+    """Whether ``backup`` (``models/previous/<name>``) scored better than ``current`` on the same metric and split,
+    so that replacing ``current`` must not push it out (a better model never leaves ``models/`` and
+    ``models/previous/`` through publishing)."""
+    from scripts.checkpoints import read_checkpoint
+
+    if not backup.is_file():
+        return False
+    try:
+        (_, old), (_, new) = read_checkpoint(backup, "previous"), read_checkpoint(current, "published")
+    except InputError:
+        return False
+    (m0, s0, v0), (m1, s1, v1) = _score(old), _score(new)
+    return m0 == m1 and s0 == s1 and v0 is not None and v1 is not None and v0 > v1
+
+
       concurrent runs never mix their files and a reader never sees a half-written one.
 
     Args:
@@ -157,8 +173,13 @@ class PublishCheckpoint:
                     logger.warning(f"{e} It will be replaced (and kept as {self.backup}).")
                     old = None
                 old_metric, old_split, old_score = _score(old)
-                same = split is not None and (old_metric, old_split) == (metric, split)
-                if same and score is not None and old_score is not None and old_score > score:
+                # scores on two known, different splits are not comparable; an unrecorded split is not taken as
+                # different (a better model is never replaced on a guess)
+                comparable = old_metric == metric and (split is None or old_split is None or split == old_split)
+                if comparable and score is not None and old_score is not None and old_score > score:
+                    where = (
+                        "on the same validation split" if split == old_split else "(a validation split is not recorded)"
+                    )
                     logger.warning(
                         f"{self.destination} kept: it scored {metric} {old_score:.4f} on the same validation split, "
                         f"this run's best is {score:.4f} ({self.source}). Pass --overwrite true to publish it anyway."
@@ -168,8 +189,11 @@ class PublishCheckpoint:
             kept = ""
             if self.destination.is_file():
                 self.backup.parent.mkdir(parents=True, exist_ok=True)
-                _replace_atomically(self.destination, self.backup)
-                kept = f"; the previous one is kept as {self.backup}"
+                if _better_backup(self.backup, self.destination):
+                    kept = f"; {self.backup} (a better model) is kept"
+                else:
+                    _replace_atomically(self.destination, self.backup)
+                    kept = f"; the previous one is kept as {self.backup}"
             _replace_atomically(self.source, self.destination)
         scored = f" ({metric} {score:.4f})" if score is not None else ""
         logger.info(f"best checkpoint {self.source}{scored} published to {self.destination}{kept}")
