@@ -100,17 +100,6 @@ def _score(info: dict | None) -> tuple[str | None, str | None, float | None]:
     return validation.get("metric"), validation.get("split"), float(score) if isinstance(score, (int, float)) else None
 
 
-class PublishCheckpoint:
-    """Publish a run's best checkpoint to the bundle's ``models/`` folder when training completes.
-
-    Each run keeps its own best checkpoint in its run folder; the copy in ``models/`` is what the other configs,
-    export and MONAI Label load, so publishing is careful:
-
-    * it is refused (a warning, the run's own checkpoint stays) when the published model scored better on the same
-      validation split with the same metric (as recorded in both checkpoints, see
-      :class:`scripts.checkpoints.DescribedModel`), unless ``overwrite``;
-    * the previous file is kept as ``models/previous/<name>``;
-    * the copy goes through a uniquely named temporary file and an atomic rename, under an inter-process lock, so
 def _better_backup(backup: Path, current: Path) -> bool:
     """Whether ``backup`` (``models/previous/<name>``) scored better than ``current`` on the same metric and split,
     so that replacing ``current`` must not push it out (a better model never leaves ``models/`` and
@@ -127,6 +116,17 @@ def _better_backup(backup: Path, current: Path) -> bool:
     return m0 == m1 and s0 == s1 and v0 is not None and v1 is not None and v0 > v1
 
 
+class PublishCheckpoint:
+    """Publish a run's best checkpoint to the bundle's ``models/`` folder when training completes.
+
+    Each run keeps its own best checkpoint in its run folder; the copy in ``models/`` is what the other configs,
+    export and MONAI Label load, so publishing is careful:
+
+    * it is refused (a warning, the run's own checkpoint stays) when the published model scored better on the same
+      validation split with the same metric (as recorded in both checkpoints, see
+      :class:`scripts.checkpoints.DescribedModel`), unless ``overwrite``;
+    * the previous file is kept as ``models/previous/<name>``;
+    * the copy goes through a uniquely named temporary file and an atomic rename, under an inter-process lock, so
       concurrent runs never mix their files and a reader never sees a half-written one.
 
     Args:
@@ -181,7 +181,7 @@ def _better_backup(backup: Path, current: Path) -> bool:
                         "on the same validation split" if split == old_split else "(a validation split is not recorded)"
                     )
                     logger.warning(
-                        f"{self.destination} kept: it scored {metric} {old_score:.4f} on the same validation split, "
+                        f"{self.destination} kept: it scored {metric} {old_score:.4f} {where}, "
                         f"this run's best is {score:.4f} ({self.source}). Pass --overwrite true to publish it anyway."
                     )
                     return False
