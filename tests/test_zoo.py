@@ -215,6 +215,50 @@ def test_submission_lists_the_weights_with_their_sha256_and_holds_no_weights(zoo
         assert (zoo.bundle / required).is_file(), required
 
 
+TOOL_TREES = ("scripts/study/", "scripts/benchmark/", "scripts/tools/")
+ZOO_UNIT_TEST = BUNDLE_ROOT / "ci" / "unit_tests" / f"test_{NAME}.py"
+
+
+def test_submission_holds_the_runtime_only_and_every_module_a_config_names(zoo):
+    files = sorted(p.relative_to(zoo.bundle).as_posix() for p in zoo.bundle.rglob("*") if p.is_file())
+    assert not [f for f in files if f.startswith(TOOL_TREES)], "the repository's tools must not ship"
+    assert not [f for f in files if f.startswith(("tests/", "ci/", "monailabel_app/"))]
+    assert "scripts/synthetic/__init__.py" in files  # train_teacher.json's initialize generates the synthetic set
+    # every name a config gives (``scripts.<module>[.<attribute>]``) resolves in the unpacked archive, and every
+    # shipped module imports there, without the tools and without this repository on the path
+    named = set()
+    for config in (zoo.bundle / "configs").glob("*.json"):
+        named |= {m.rstrip(".") for m in re.findall(r"\bscripts(?:\.\w+)+\.?", config.read_text())}
+    modules = [f[:-3].replace("/", ".").removesuffix(".__init__") for f in files if f.endswith(".py")]
+    modules = [m for m in modules if not m.endswith("__main__")]
+    check = (
+        "import importlib, pydoc, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"missing = [n for n in {sorted(named)!r} if pydoc.locate(n) is None]\n"
+        "assert not missing, missing\n"
+        "ours = [m.__file__ for n, m in sys.modules.items() if n == 'scripts' or n.startswith('scripts.')]\n"
+        f"assert all(f.startswith({str(zoo.bundle)!r}) for f in ours), ours\n"
+    )
+    env = _env(PYTHONPATH=str(zoo.bundle))
+    result = subprocess.run([sys.executable, "-c", check], cwd=zoo.root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(named) > 10 and "scripts.synthetic.ensure_dataset" in named
+
+
+@pytest.mark.slow
+def test_zoo_unit_test_passes_from_the_zoo_root(zoo, tmp_path):
+    """``ci/unit_tests/test_<bundle>.py`` as the zoo's runner runs it: from the zoo's root, the bundle on the path."""
+    root = tmp_path / "zoo"
+    bundle = _copy_submission(zoo, root)
+    shutil.copytree(ZOO_UNIT_TEST.parent, root / "ci" / "unit_tests")
+    env = _env(PYTHONPATH=str(bundle))
+    args = [sys.executable, "-m", "unittest", "-v", f"test_{NAME}"]
+    result = subprocess.run(
+        args, cwd=root / "ci" / "unit_tests", env={**env, "BUNDLE_ROOT": str(bundle)}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 def test_zoo_verification_passes_from_the_zoo_root(zoo):
     result = _verify(zoo.root, "full")
     assert result.returncode == 0, result.stdout[-5000:]
@@ -338,8 +382,10 @@ def _results_row(text: str, row: tuple[str, ...]) -> dict[str, float]:
 
 
 def test_metadata_names_the_project_and_reports_the_measured_test_metrics():
-    assert METADATA["authors"] == f"{NAME} contributors"
-    assert METADATA["copyright"] == f"Copyright (c) {NAME} contributors"
+    authors = METADATA["authors"]
+    assert authors and authors != f"{NAME} contributors", "authors must name who makes the bundle, not a placeholder"
+    assert authors in MODEL_CARD.read_text().split("### **Authors**", 1)[1].split("###", 1)[0], "model card authors"
+    assert METADATA["copyright"].startswith("Copyright (c) ")
     assert METADATA["version"] in METADATA["changelog"]
     newest = max(METADATA["changelog"], key=lambda v: tuple(int(x) for x in v.split(".")))
     assert newest == METADATA["version"], "version must be the newest changelog entry"

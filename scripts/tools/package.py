@@ -7,8 +7,11 @@
 
 writes ``<out>/pd_datscan_kd_classification_v<version>.zip`` (``version`` from ``configs/metadata.json``) and
 ``<out>/model_info.json``. The archive unpacks into one top-level folder ``pd_datscan_kd_classification/``
-holding ``LICENSE``, ``README.md`` (when present), ``configs/``, ``scripts/`` (Python sources and data files, no
-``__pycache__``) and ``docs/``, which is what ``python -m monai.bundle download --url ...`` expects. The weights
+holding ``LICENSE``, ``README.md`` (when present), ``configs/``, the runtime of ``scripts/`` (Python sources and
+data files, no ``__pycache__``) and ``docs/``, which is what ``python -m monai.bundle download --url ...`` expects.
+The repository's tools (``scripts/study``, ``scripts/benchmark``, ``scripts/tools``: the study, the benchmarks and
+this packager) stay in the repository; no config references them. The synthetic generator (``scripts/synthetic``)
+ships, because the training configs' ``initialize`` calls ``scripts.synthetic.ensure_dataset``. The weights
 (``models/*.pt`` and ``models/*.ts``; ``models/model.pt``, the 2D student, is required) are either
 
 * stored in the archive (``--with-weights``), or
@@ -41,6 +44,7 @@ import yaml
 __all__ = [
     "BUNDLE_NAME",
     "ZIP_TIMESTAMP",
+    "TOOL_TREES",
     "PackagingError",
     "BundleArchive",
     "file_digest",
@@ -66,6 +70,8 @@ STUDENT_WEIGHTS = "model.pt"
 _EXCLUDED_DIRS = {"__pycache__"}
 _EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp")
 _EXCLUDED_FILES = {"configs/monailabel_train.json"}  # written into a served bundle by MONAI Label (multi-GPU)
+TOOL_TREES = ("scripts/study", "scripts/benchmark", "scripts/tools")
+"""Repository tools that no config references: never part of the archive."""
 
 
 class PackagingError(RuntimeError):
@@ -131,6 +137,7 @@ def _is_excluded(relative: Path) -> bool:
         or relative.name.endswith(_EXCLUDED_SUFFIXES)
         or relative.name.endswith("~")
         or relative.as_posix() in _EXCLUDED_FILES
+        or any(relative.as_posix().startswith(tree + "/") for tree in TOOL_TREES)
     )
 
 
@@ -138,9 +145,9 @@ def collect_bundle_files(bundle_root: str | os.PathLike) -> dict[str, Path]:
     """The bundle's source files to distribute, as ``{path inside the bundle: file}``.
 
     ``LICENSE``, ``configs/metadata.json`` and ``configs/inference.json`` are required, ``README.md`` is taken
-    when present, and every file under ``configs/``, ``scripts/`` and ``docs/`` is included except hidden
-    files and folders, ``__pycache__`` folders, compiled Python files, temporary files and the
-    ``configs/monailabel_train.json`` that MONAI Label writes for multi-GPU training. Run outputs
+    when present, and every file under ``configs/``, ``scripts/`` and ``docs/`` is included except the tools
+    (:data:`TOOL_TREES`), hidden files and folders, ``__pycache__`` folders, compiled Python files, temporary
+    files and the ``configs/monailabel_train.json`` that MONAI Label writes for multi-GPU training. Run outputs
     (``eval/``, ``data/``), tests and weights are never collected here.
 
     Raises:
