@@ -11,12 +11,11 @@ import tempfile
 from collections.abc import Sequence
 
 import monai.bundle
+from lib.bundle import bundle_module, resolved_config
+from lib.labels import read_label_file
 from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
-
-from lib.bundle import bundle_module, resolved_config
-from lib.labels import read_label_file
 
 __all__ = ["DistillConstants", "DistillTrainTask", "TrainRequestError", "TrainingFailedError"]
 
