@@ -45,6 +45,7 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import look_up_option
 from scripts.anatomy import MNI_2MM_SHAPE
 from scripts.errors import InputError
+from scripts.options import parse_bool
 
 __all__ = [
     "SPLITS",
@@ -618,7 +619,7 @@ class LoadScand(MapTransform):
     def __init__(self, keys: KeysCollection, allow_nonstandard: bool = False, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self._loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-        self.allow_nonstandard = bool(allow_nonstandard)
+        self.allow_nonstandard = parse_bool(allow_nonstandard, "allow_nonstandard_input")
 
     def _load(self, path: str) -> MetaTensor:
         try:

@@ -82,6 +82,7 @@ from monai.utils import look_up_option
 from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity, default_upsampler
 from scripts.errors import InputError, MissingFileError
 from scripts.networks import SharedChannelEncoder
+from scripts.options import parse_bool
 from torch import nn
 
 __all__ = [
@@ -816,7 +817,7 @@ class AttentionEvaluation:
         )
         self.cams = {name: GradCAMSaliency(net, self.method) for name, net in self.models.items()}
         self.top_percent = float(top_percent)
-        self.faithfulness = bool(faithfulness)
+        self.faithfulness = parse_bool(faithfulness, "faithfulness")
         self.deletion_fractions = tuple(float(f) for f in deletion_fractions)
         self.occlusion_scans = int(occlusion_scans)
         self.occlusion_mask = int(occlusion_mask)

@@ -263,9 +263,11 @@ class CacheBatchLoader(DataLoader):
         num_workers: int = 0,
         **kwargs: Any,
     ) -> None:
+        from scripts.options import parse_bool
+
         self.source = dataset
         self.stacked: StackedCache | None = None
-        if stack:
+        if parse_bool(stack, "stacked_cache"):
             problem = stacking_problem(dataset)
             if problem is None:
                 self.stacked = StackedCache(dataset, device)
@@ -295,7 +297,9 @@ class PlainTensorBatch(PrepareBatch):
     """
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = bool(enabled)
+        from scripts.options import parse_bool
+
+        self.enabled = parse_bool(enabled, "plain_tensor_batch")
 
     def __call__(
         self,

@@ -34,6 +34,7 @@ from monai.transforms import Compose, EnsureTyped, Resized
 from monai.utils import MetaKeys
 from scripts.data import IntensityNormalized
 from scripts.errors import InputError
+from scripts.options import parse_bool
 from scripts.projections import VIEW_AXIS, AdjacentSlices, Projectiond, template_centre
 from torch.nn import functional as nnf
 
@@ -237,7 +238,7 @@ class PartialPreprocessing(Compose):
             if isinstance(t, Resized):
                 self._configure(chain, i)
                 break
-        self.partial = bool(enabled) and self.planes is not None
+        self.partial = parse_bool(enabled, "partial_resampling") and self.planes is not None
 
     def _configure(self, chain: list, start: int) -> None:
         tail = chain[start:]

@@ -89,6 +89,8 @@ class Option:
             return "true or false"
         if self.kind == "str":
             return "a non-empty string"
+        if self.kind == "device":
+            return "a device this machine has (cpu, cuda, cuda:0...)"
         if self.kind == "choice":
             return "one of " + ", ".join(str(c) for c in self._choices())
         bounds = []
@@ -136,6 +138,17 @@ OPTIONS: dict[str, Option] = {
     "allow_nonstandard_input": Option("bool"),
     "settings_from_checkpoint": Option("bool"),
     "debug": Option("bool"),
+    "report": Option("bool"),
+    "stacked_cache": Option("bool"),
+    "amp": Option("bool"),
+    "cudnn_benchmark": Option("bool"),
+    "non_blocking": Option("bool"),
+    "channels_last": Option("bool"),
+    "plain_tensor_batch": Option("bool"),
+    "partial_resampling": Option("bool"),
+    "faithfulness": Option("bool"),
+    "save_execute_config": Option("bool"),
+    "device": Option("device"),
     # grid, intensity, projection, networks
     "spatial_size": Option("size3", minimum=16, hint="(the networks need at least 16 voxels per side)"),
     "intensity": Option("choice", choices=_choices("scripts.data", "INTENSITY_MODES")),
@@ -158,8 +171,8 @@ OPTIONS: dict[str, Option] = {
     "train_fraction": Option("float", above=0.0, maximum=1.0),
     "seed": Option("int", minimum=0),
     "data_seed": Option("int", minimum=0),
-    "synthetic_subjects": Option("int", minimum=3),
-    "synthetic_preset": Option("str"),
+    "synthetic_subjects": Option("int", minimum=1, hint="(checked against --synthetic_preset: see below)"),
+    "synthetic_preset": Option("choice", choices=_choices("scripts.synthetic.presets", "PRESETS")),
     # distillation
     "kd_mode": Option("choice", choices=("graph", "hinton")),
     "graph_kernel": Option("choice", choices=_choices("scripts.losses", "KERNELS")),
@@ -182,8 +195,38 @@ OPTIONS: dict[str, Option] = {
     "input": Option("str"),
     "input_split": Option("str"),
     "eval_split": Option("str"),
+    "explain_split": Option("str"),
+    "report_reference_split": Option("str"),
+    # explanation, site adaptation
+    "saliency_method": Option("choice", choices=_choices("scripts.explain", "SALIENCY_METHODS")),
+    "saliency_target": Option("choice", choices=("label", "predicted", "hc", "pd")),
+    "top_percent": Option("float", above=0.0, maximum=100.0),
+    "occlusion_scans": Option("int", minimum=0),
+    "occlusion_mask": Option("int", minimum=1),
+    "occlusion_overlap": Option("float", minimum=0.0, maximum=0.99),
+    "site_adaptation_min_scans": Option("int", minimum=1),
+    "dynamic_image_variant": Option("choice", choices=_choices("scripts.projections", "DYNAMIC_IMAGE_VARIANTS")),
 }
 """The options a user sets on the command line (``--name value``), with what each accepts."""
+
+
+def inferred_options(defined: Mapping[str, list[Any]] | None = None) -> dict[str, Option]:
+    """Options for the config ids not in :data:`OPTIONS` whose values in the bundle's configs are all literal
+    booleans, integers or numbers: a switch or number added to a config is parsed like the listed ones
+    (``"false"`` is ``False`` for every switch), without waiting for someone to list it."""
+    defined = _defined_ids() if defined is None else defined
+    out: dict[str, Option] = {}
+    for key, values in defined.items():
+        if key in OPTIONS or key in RESERVED_IDS or not values:
+            continue
+        kinds = {type(v) for v in values}
+        if kinds == {bool}:
+            out[key] = Option("bool")
+        elif kinds == {int}:
+            out[key] = Option("int")
+        elif kinds <= {int, float}:
+            out[key] = Option("float")
+    return out
 
 
 def _is_config_expression(value: Any) -> bool:
@@ -211,6 +254,8 @@ def check_value(name: str, value: Any, option: Option | None = None) -> Any:
         if not isinstance(value, str) or not value.strip():
             raise fail()
         return value
+    if option.kind == "device":
+        return _check_device(name, value, fail)
     if option.kind == "choice":
         choices = option._choices()
         try:
@@ -223,6 +268,30 @@ def check_value(name: str, value: Any, option: Option | None = None) -> Any:
             raise fail()
         return [_check_number(name, v, option, integer=True, fail=fail) for v in value]
     return _check_number(name, value, option, integer=option.kind == "int", fail=fail)
+
+
+def _check_device(name: str, value: Any, fail: Callable[..., OptionError]) -> Any:
+    """A device name (``"cpu"``, ``"cuda"``, ``"cuda:1"``) or ``torch.device`` that this machine has, as given."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise fail() from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(
+                f"option --{name} {value}: CUDA is not available on this machine (no GPU, or a CPU-only PyTorch); "
+                "use --device cpu."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(
+                f"option --{name} {value}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})."
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise fail()
+    return value
 
 
 def _check_number(name: str, value: Any, option: Option, integer: bool, fail: Callable[[], OptionError]) -> Any:
@@ -334,6 +403,34 @@ def _check_projection(values: Mapping[str, Any]) -> None:
         )
 
 
+def minimum_subjects(preset: str = "default") -> int:
+    """The fewest subjects the phantom generator accepts for ``preset``: every split gets both classes."""
+    from scripts.synthetic.phantom import _resolve_design, _validate_dataset_args
+
+    for n in range(1, 1000):
+        try:
+            _, n_subjects, modality, pd_fraction, max_visits, split = _resolve_design(preset, n, None, None, None, None)
+            _validate_dataset_args(n_subjects, modality, pd_fraction, max_visits, split, 1)
+        except ValueError:
+            continue
+        return n
+    return 1
+
+
+def _check_synthetic(values: Mapping[str, Any]) -> None:
+    """``synthetic_subjects`` against what the generator accepts for ``synthetic_preset`` (when data are made)."""
+    n = values.get("synthetic_subjects")
+    if not isinstance(n, int) or values.get("synthetic_data") is False:
+        return
+    preset = values.get("synthetic_preset", "default")
+    needed = minimum_subjects(preset if isinstance(preset, str) else "default")
+    if n < needed:
+        raise OptionError(
+            f"option --synthetic_subjects expects an integer >= {needed} for --synthetic_preset {preset} (each split "
+            f"needs subjects of both classes), got {n}."
+        )
+
+
 def check_options(parser: ConfigParser | None = None, options: Iterable[str] | None = None) -> dict[str, Any]:
     """Check the options of the config being run, normalise them in place, refuse unknown ids.
 
@@ -357,7 +454,8 @@ def check_options(parser: ConfigParser | None = None, options: Iterable[str] | N
     config = parser.get()
     if not isinstance(config, dict):
         return {}
-    names = OPTIONS if options is None else {n: OPTIONS[n] for n in options}
+    defined = _defined_ids()
+    names = {**inferred_options(defined), **OPTIONS} if options is None else {n: OPTIONS[n] for n in options}
     checked, updates = {}, {}
     for name, option in names.items():
         if name not in config or _is_config_expression(config[name]):
@@ -366,8 +464,9 @@ def check_options(parser: ConfigParser | None = None, options: Iterable[str] | N
         checked[name] = value
         if type(value) is not type(config[name]) or value != config[name]:
             updates[name] = value
-    _check_projection({**{k: v for k, v in config.items() if not _is_config_expression(v)}, **checked})
-    defined = _defined_ids()
+    literal = {**{k: v for k, v in config.items() if not _is_config_expression(v)}, **checked}
+    _check_projection(literal)
+    _check_synthetic(literal)
     unknown, ignored = _unused_ids(config, defined)
     if unknown:
         valid = sorted(k for k in set(defined) | set(config) if k not in unknown and not k.startswith("_"))
