@@ -24,13 +24,16 @@ The index is rewritten after every batch, so a run that stops early still leaves
 Images are shown with anterior (axial, sagittal) or superior (coronal, sagittal) up and the patient's right on
 the right of the image (neurological convention), as ``scripts.handlers.ProjectionPNGSaver`` does.
 
-matplotlib is imported only when a report is drawn.
+matplotlib is optional (``configs/metadata.json`` lists it for the model zoo; ``requirements-dev.txt`` installs it):
+it is imported only when a report is drawn, and :func:`require_matplotlib` stops a run that asks for reports without
+it, before any scan is read, with the command that installs it.
 """
 
 from __future__ import annotations
 
 import copy
 import html
+import importlib.util
 import json
 import logging
 import os
@@ -44,7 +47,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import Compose
-from scripts.errors import find_input_error
+from scripts.errors import InputError, find_input_error
 from scripts.explain import (
     GradCAMSaliency,
     SaliencyResult,
@@ -63,7 +66,21 @@ __all__ = [
     "render_scan_report",
     "write_index",
     "ReportWriter",
+    "require_matplotlib",
 ]
+
+MATPLOTLIB_REQUIREMENT = "matplotlib==3.11.2"
+"""The matplotlib version the bundle is tested with (``configs/metadata.json``'s ``required_packages_version``)."""
+
+
+def require_matplotlib(purpose: str = "the per-scan reports (--report True)") -> None:
+    """Raise an :class:`~scripts.errors.InputError` naming the install command when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError(
+            f"{purpose} need matplotlib, which is not installed: pip install '{MATPLOTLIB_REQUIREMENT}' "
+            "(or run without them)."
+        )
+
 
 REPORT_SBR_FEATURES = (
     "caudate_L",
@@ -592,6 +609,7 @@ class ReportWriter:
         threshold: float = 0.5,
         device: str | torch.device = "cpu",
     ) -> None:
+        require_matplotlib()
         self.output_dir = Path(output_dir)
         self.network = network
         self.preprocess = Compose(list(volume_transforms))

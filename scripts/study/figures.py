@@ -304,7 +304,17 @@ def _gallery(res, path: Path) -> bool:
 
 
 def draw_figures(res, b, folder: Path) -> list[Path]:
-    """Draw every figure that the records support into ``folder``; returns the files written."""
+    """Draw every figure that the records support into ``folder``; returns the files written.
+
+    Without matplotlib (optional) nothing is drawn: a line says how to install it, and the report has no figures.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from scripts.report import MATPLOTLIB_REQUIREMENT
+
+        print(f"no figures: matplotlib is not installed (pip install '{MATPLOTLIB_REQUIREMENT}').")
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     jobs = {
