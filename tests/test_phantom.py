@@ -433,7 +433,9 @@ def test_unilateral_subtype_reuses_the_latent_stream():
         for i in range(400)
     ]
     assert all(a.latents.age == b.latents.age and a.latents.affected_side == b.latents.affected_side for a, b in pairs)
-    assert all(a.latents.is_mild <= b.latents.is_mild for a, b in pairs)  # 7 % mild is a subset of 13 % mild
+    assert all(
+        a.latents.is_mild <= b.latents.is_mild for a, b in pairs
+    )  # 7 % mild is a subset of the benchmark's 10 % mild
     assert not any(a.latents.is_unilateral for a, _ in pairs)
     uni = [b for _, b in pairs if b.latents.is_unilateral]
     assert all(not b.latents.is_mild for b in uni)
@@ -452,8 +454,9 @@ def test_unilateral_subtype_reuses_the_latent_stream():
         other = "R" if aff == "L" else "L"
         loss_aff = 1 - tb[f"putamen_post_{aff}"] / tb_hc[f"putamen_post_{aff}"]
         loss_other = 1 - tb[f"putamen_post_{other}"] / tb_hc[f"putamen_post_{other}"]
-        assert loss_aff > 0.4 and loss_other / loss_aff == pytest.approx(b.latents.ipsilateral_factor)
-    # Subtype shares in a large population (no rendering): 13 % mild and 20 % unilateral, +-3 standard errors.
+        # (approximate: the dorsal-ventral gradient caps the dorsal loss at max_loss on the affected side)
+        assert loss_aff > 0.4 and loss_other / loss_aff == pytest.approx(b.latents.ipsilateral_factor, rel=0.05)
+    # Subtype shares in a large population (no rendering): 10 % mild and 20 % unilateral, +-3 standard errors.
     subjects = phantom.sample_population(4000, seed=5, preset="benchmark", pd_fraction=1.0)
     mild = np.mean([s.latents.is_mild for s in subjects])
     unilateral = np.mean([s.latents.is_unilateral for s in subjects])

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -62,6 +63,7 @@ from scripts.anatomy import (
     MNI_2MM_SHAPE,
     SIDES,
     brain_ellipsoid,
+    evaluate_rois,
     head_ellipsoid,
     roi_mean_ap_position,
     striatal_distances,
@@ -90,6 +92,7 @@ __all__ = [
     "make_study_data",
     "calibrate_population",
     "gaussian_blur",
+    "dorsal_position",
     "main",
 ]
 
@@ -132,6 +135,15 @@ class PhantomConfig:
     # Early unilateral PD: strong loss on the most affected side (the severe L_post) and little on the other side.
     unilateral_fraction: float = 0.0
     unilateral_ipsilateral_range: tuple[float, float] = (0.1, 0.4)
+    # Dorsal-ventral physiology (0 / off by default). ``dv_gradient_range``: the loss of every PD subject is scaled by
+    # ``1 + gamma (2 h - 1)`` along the dorsal-ventral position ``h`` (0 ventral, 1 dorsal) of each structure,
+    # ``gamma ~ U(range)``, so that the dorsal striatum loses more than the ventral (same mean loss).
+    # ``dorsal_only_fraction``: early PD whose loss (posterior ``L ~ U(dorsal_only_loss_range)`` on the most affected
+    # side) is confined above ``h = b``, ``b ~ U(dorsal_only_boundary_range)`` (a 0.2-wide ramp in ``h``).
+    dv_gradient_range: tuple[float, float] = (0.0, 0.0)
+    dorsal_only_fraction: float = 0.0
+    dorsal_only_loss_range: tuple[float, float] = (0.4, 0.8)
+    dorsal_only_boundary_range: tuple[float, float] = (0.45, 0.6)
     severe_loss_beta: tuple[float, float] = (9.0, 1.6)
     severe_loss_clip: tuple[float, float] = (0.45, 0.99)
     anterior_ratio_range: tuple[float, float] = (0.55, 0.9)
@@ -149,6 +161,12 @@ class PhantomConfig:
     translation_clip_mm: float = 3.0
     rotation_sd_deg: float = 2.0
     rotation_clip_deg: float = 6.0
+    # Between-subject z (inferior-superior) translation and pitch (rotation about the left-right axis); ``None``:
+    # the same as the other axes (``translation_*`` / ``rotation_*``).
+    z_translation_sd_mm: float | None = None
+    z_translation_clip_mm: float | None = None
+    pitch_sd_deg: float | None = None
+    pitch_clip_deg: float | None = None
     pose_scale_sd: float = 0.03
     pose_scale_clip: float = 0.1
 
@@ -170,14 +188,19 @@ class PhantomConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative standard deviation, got {getattr(self, name)}.")
-        for name in ("female_probability", "mild_fraction", "unilateral_fraction"):
+        for name in ("z_translation_sd_mm", "z_translation_clip_mm", "pitch_sd_deg", "pitch_clip_deg"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative (or None), got {getattr(self, name)}.")
+        for name in ("female_probability", "mild_fraction", "unilateral_fraction", "dorsal_only_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}.")
-        if self.mild_fraction + self.unilateral_fraction > 1.0 + 1e-12:
+        if self.mild_fraction + self.unilateral_fraction + self.dorsal_only_fraction > 1.0 + 1e-12:
             raise ValueError(
-                f"mild_fraction + unilateral_fraction must not exceed 1, got {self.mild_fraction} + "
-                f"{self.unilateral_fraction}."
+                "mild_fraction + unilateral_fraction + dorsal_only_fraction must not exceed 1, got "
+                f"{self.mild_fraction} + {self.unilateral_fraction} + {self.dorsal_only_fraction}."
             )
+        if self.dv_gradient_range[0] < 0 or self.dv_gradient_range[1] >= 1:
+            raise ValueError(f"dv_gradient_range must lie in [0, 1), got {self.dv_gradient_range}.")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.endswith(("_range", "_range_mm", "_loss_clip")) and not (
@@ -257,6 +280,14 @@ class SubjectLatents:
     ipsilateral_factor: float
     progression_per_year: float
     is_unilateral: bool = False
+    dv_gradient: float = 0.0
+    is_dorsal_only: bool = False
+    dorsal_boundary: float = 0.0
+
+    @property
+    def dorsal_ventral(self) -> bool:
+        """Whether the loss varies along the dorsal-ventral axis (a gradient, or dorsal-only early PD)."""
+        return self.dv_gradient > 0.0 or self.is_dorsal_only
 
 
 @dataclass(frozen=True)
@@ -333,7 +364,16 @@ def _sample_latents(rng: np.random.Generator, label: int, config: PhantomConfig)
     # The PD subtype comes from the same uniform: [0, mild) mild, [mild, mild + unilateral) early unilateral, else
     # bilateral. No extra draw, so presets without unilateral PD reproduce the original random streams exactly.
     is_unilateral = bool(not is_mild and u_mild < config.mild_fraction + config.unilateral_fraction)
+    is_dorsal_only = bool(
+        not is_mild
+        and not is_unilateral
+        and u_mild < config.mild_fraction + config.unilateral_fraction + config.dorsal_only_fraction
+    )
     u = rng.random(4)
+    # Dorsal-ventral draws only when the config uses them, so other presets keep their random streams exactly.
+    dv = rng.random(3) if config.dv_gradient_range[1] > 0 or config.dorsal_only_fraction > 0 else np.zeros(3)
+    if is_dorsal_only:
+        severe_loss = _uniform(dv[1], config.dorsal_only_loss_range)
     return SubjectLatents(
         label=int(label),
         age=age,
@@ -353,16 +393,36 @@ def _sample_latents(rng: np.random.Generator, label: int, config: PhantomConfig)
         ),
         progression_per_year=_uniform(u[3], config.progression_per_year_range),
         is_unilateral=is_unilateral,
+        dv_gradient=0.0 if is_dorsal_only else _uniform(dv[0], config.dv_gradient_range),
+        is_dorsal_only=is_dorsal_only,
+        dorsal_boundary=_uniform(dv[2], config.dorsal_only_boundary_range) if is_dorsal_only else 0.0,
     )
 
 
 def _sample_acquisition(rng: np.random.Generator, config: PhantomConfig) -> Acquisition:
     u = rng.random(2)
     log_k = rng.standard_normal()
-    t = np.clip(
-        config.translation_sd_mm * rng.standard_normal(3), -config.translation_clip_mm, config.translation_clip_mm
+
+    def _axes(sd, clip, special_axis, special_sd, special_clip):
+        sds, clips = np.full(3, float(sd)), np.full(3, float(clip))
+        if special_sd is not None:
+            sds[special_axis] = special_sd
+        if special_clip is not None:
+            clips[special_axis] = special_clip
+        return sds, clips
+
+    t_sd, t_clip = _axes(
+        config.translation_sd_mm,
+        config.translation_clip_mm,
+        2,
+        config.z_translation_sd_mm,
+        config.z_translation_clip_mm,
     )
-    r = np.clip(config.rotation_sd_deg * rng.standard_normal(3), -config.rotation_clip_deg, config.rotation_clip_deg)
+    r_sd, r_clip = _axes(
+        config.rotation_sd_deg, config.rotation_clip_deg, 0, config.pitch_sd_deg, config.pitch_clip_deg
+    )
+    t = np.clip(t_sd * rng.standard_normal(3), -t_clip, t_clip)
+    r = np.clip(r_sd * rng.standard_normal(3), -r_clip, r_clip)
     s = 1.0 + float(
         np.clip(config.pose_scale_sd * rng.standard_normal(), -config.pose_scale_clip, config.pose_scale_clip)
     )
@@ -404,6 +464,37 @@ def sample_subject(
     return PhantomSubject(subject_id=subject_id, latents=latents, config=cfg, visits=visits)
 
 
+def dorsal_position(name: str, points: np.ndarray) -> np.ndarray:
+    """Normalised dorsal-ventral position ``h`` in ``[0, 1]`` (0 ventral, 1 dorsal) of template ``points`` in ``name``.
+
+    Putamen: along the ellipsoid's own supero-inferior axis, ``h = (u_1 / D_1 + 1) / 2``. Caudate: the template
+    height ``z`` between the lowest and highest point of the tube (the head is ventral, the body and tail dorsal).
+    """
+    struct = striatal_structures()[name]
+    pts = np.asarray(points, dtype=np.float64)
+    if name.startswith("putamen"):
+        u1 = struct.local(pts)[..., 1]
+        return np.clip(0.5 * (u1 / struct.semi_axes[1] + 1.0), 0.0, 1.0)
+    low, high = struct.bounding_box(0.0)
+    return np.clip((pts[..., 2] - low[2]) / (high[2] - low[2]), 0.0, 1.0)
+
+
+def _dorsal_weight(h: np.ndarray, latents: SubjectLatents) -> np.ndarray:
+    """Factor on the loss at dorsal-ventral position ``h``: ``1 + gamma (2h - 1)``, or the dorsal-only ramp
+    ``clip((h - b) / 0.2 + 0.5, 0, 1)`` of early PD whose loss is confined above ``h = b``."""
+    if latents.is_dorsal_only:
+        return np.clip((h - latents.dorsal_boundary) / 0.2 + 0.5, 0.0, 1.0)
+    return 1.0 + latents.dv_gradient * (2.0 * h - 1.0)
+
+
+def _local_loss(p: Mapping[str, float], t: np.ndarray, h: np.ndarray | None, latents: SubjectLatents, cap: float):
+    """Loss at antero-posterior ``t`` and dorsal-ventral ``h`` (``None``: no dorsal-ventral variation)."""
+    loss = p["loss_post"] + (p["loss_ant"] - p["loss_post"]) * t
+    if h is None:
+        return loss
+    return np.minimum(loss * _dorsal_weight(h, latents), cap)
+
+
 def _structure_parameters(subject: PhantomSubject, visit: int) -> dict[str, dict[str, float]]:
     """Healthy binding and loss parameters per structure for a visit: ``{struct: {bp, loss_post, loss_ant}}``."""
     lat, cfg = subject.latents, subject.config
@@ -440,6 +531,16 @@ def true_binding(subject: PhantomSubject, visit: int = 0) -> dict[str, float]:
         the mean of ``BP_0 (1 - loss(t))`` over the region; exact because the loss is linear in ``t``.
     """
     params = _structure_parameters(subject, visit)
+    if subject.label == 1 and subject.latents.dorsal_ventral:
+        # Not linear in t any more: average BP_0 (1 - loss(t, h)) over the ROI's template sample points.
+        samples = _roi_samples()
+        out = {}
+        for region, (t, h) in samples.items():
+            struct = ("caudate_" if region.startswith("caudate") else "putamen_") + region[-1]
+            p = params[struct]
+            loss = _local_loss(p, t, h, subject.latents, subject.config.max_loss)
+            out[region] = float(p["bp"] * (1.0 - loss.mean()))
+        return out
     mean_t = roi_mean_ap_position()
     out = {}
     for side in SIDES:
@@ -447,6 +548,25 @@ def true_binding(subject: PhantomSubject, visit: int = 0) -> dict[str, float]:
             p = params[f"caudate_{side}" if region.startswith("caudate") else f"putamen_{side}"]
             t = mean_t[region]
             out[region] = float(p["bp"] * (1.0 - (p["loss_post"] + (p["loss_ant"] - p["loss_post"]) * t)))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _roi_samples(spacing_mm: float = 1.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{roi: (t, h)}`` of the template sample points of every striatal ROI (as in ``roi_mean_ap_position``)."""
+    axis = np.arange(-60.0, 60.0 + spacing_mm / 2, spacing_mm)
+    pts = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = pts[
+        (np.abs(pts[:, 0]) <= 50) & (pts[:, 1] >= -45) & (pts[:, 1] <= 45) & (pts[:, 2] >= -30) & (pts[:, 2] <= 40)
+    ]
+    rois = evaluate_rois(pts)
+    dist = striatal_distances(pts, margin=1.0)
+    out = {}
+    for side in SIDES:
+        for region in (f"caudate_{side}", f"putamen_{side}", f"putamen_ant_{side}", f"putamen_post_{side}"):
+            struct = f"caudate_{side}" if region.startswith("caudate") else f"putamen_{side}"
+            mask = rois[region]
+            out[region] = (dist[struct][1][mask], dorsal_position(struct, pts[mask]))
     return out
 
 
@@ -603,7 +723,8 @@ def activity_map(
             else:
                 frac = np.minimum(frac, np.clip(1.0 - caud_frac, 0.0, 1.0))
             p = params[name]
-            striatal += frac * p["bp"] * (1.0 - (p["loss_post"] + (p["loss_ant"] - p["loss_post"]) * t))
+            h = dorsal_position(name, native) if lat.label == 1 and lat.dorsal_ventral else None
+            striatal += frac * p["bp"] * (1.0 - _local_loss(p, t, h, lat, subject.config.max_loss))
     values[near] += striatal
     act[in_box] = values
     return act.reshape(shape)
@@ -783,6 +904,7 @@ def _entry(subject: PhantomSubject, visit: int) -> dict:
         "affected_side": latents.affected_side if label == 1 else None,
         "mild": bool(latents.is_mild) if label == 1 else None,
         "unilateral": bool(latents.is_unilateral) if label == 1 else None,
+        "dorsal_only": bool(latents.is_dorsal_only) if label == 1 else None,
         "fwhm_mm": round(acq.fwhm_mm, 4),
         "counts": round(acq.counts, 4),
         "intensity_scale": round(acq.intensity_scale, 5),

@@ -88,10 +88,16 @@ class Preset:
 #: posterior loss of 20-50 % and no unilateral subtype.
 BENCHMARK_POPULATION: Mapping[str, object] = _frozen(
     {
-        "mild_fraction": 0.13,
+        "mild_fraction": 0.1,
         "mild_loss_range": (0.15, 0.5),
         "unilateral_fraction": 0.2,
         "unilateral_ipsilateral_range": (0.25, 0.55),
+        # Physiology along z: dorsal > ventral loss in every PD subject, and early PD confined to the dorsal
+        # striatum (docs/calibration.md, "Physiology along z").
+        "dv_gradient_range": (0.1, 0.4),
+        "dorsal_only_fraction": 0.1,
+        "dorsal_only_loss_range": (0.4, 0.8),
+        "dorsal_only_boundary_range": (0.45, 0.6),
     }
 )
 #: Multi-site SPECT acquisition of the benchmark: PSF and counts of several cameras, slightly larger residual pose.
@@ -103,6 +109,12 @@ BENCHMARK_SPECT_SITES: Mapping[str, object] = _frozen(
         "translation_clip_mm": 4.0,
         "rotation_sd_deg": 2.25,
         "rotation_clip_deg": 7.0,
+        # Between-subject height and pitch of imperfectly normalised clinical scans: z SD 4 mm (clip 10), pitch SD
+        # 5 deg (clip 12), so that fixed template slices cut the striatum at different heights.
+        "z_translation_sd_mm": 4.0,
+        "z_translation_clip_mm": 10.0,
+        "pitch_sd_deg": 5.0,
+        "pitch_clip_deg": 12.0,
     }
 )
 #: A lower-resolution, lower-count SPECT site (Wenzel et al. 2019 emulated such a site with an 18 mm Gaussian).
