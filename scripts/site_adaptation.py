@@ -76,7 +76,7 @@ EXIT_REFUSED = 3
 """Exit status of ``python -m monai.bundle run`` when the site adaptation was refused (the predictions are kept)."""
 MIN_SCANS = 40
 """Default minimum number of a site's scans below which every method refuses (see ``docs/new_site.md``)."""
-_EPS = 1e-6
+_LOW, _HIGH = 1e-30, 2.0**-24
 
 
 class SiteAdaptationRefusedError(InputError):
@@ -110,7 +110,9 @@ def _scores(scores: Sequence[float], what: str = "scores") -> np.ndarray:
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1.0 - _EPS)
+    """``log(p / (1 - p))`` within what a float32 softmax resolves: ``p`` down to 1e-30 (a confident HC keeps its
+    margin), ``1 - p`` down to 2**-24 (float32 resolution near 1)."""
+    p = np.clip(p, _LOW, 1.0 - _HIGH)
     return np.log(p) - np.log1p(-p)
 
 
@@ -516,6 +518,7 @@ class SiteAdapter:
         self.refusal: str | None = None
         self.result: dict[str, Any] | None = None
         self.adabn_scans = 0
+        self._scores: dict[str, float] = {}
 
     @property
     def enabled(self) -> bool:
@@ -526,6 +529,24 @@ class SiteAdapter:
 
         if self.adabn:
             engine.add_event_handler(Events.STARTED, self._adabn)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._scores.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+
+    def _collect(self, engine: Any) -> None:
+        """Keep every scored scan's P(PD) at full precision (``predictions.csv`` rounds it to 6 decimals, which
+        would flatten every confident HC scan to 0 and hide the spread of their logits)."""
+        from scripts.handlers import _filenames
+
+        output = engine.state.output
+        if not output or not self.enabled:
+            return
+        preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
+        probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
+        probs = probs.detach().float().reshape(probs.shape[0], -1)[:, 1].cpu().double().tolist()
+        names = _filenames(engine.state.batch)
+        if len(names) != len(probs):
+            return
+        self._scores.update(zip(names, probs))
 
     def _inputs(self, engine: Any) -> Iterable[torch.Tensor]:
         from scripts.data import FAILED_KEY
@@ -559,7 +580,7 @@ class SiteAdapter:
         if not self.enabled:
             return None
         rows = [r for r in self.saver.rows if not r.get("error")]
-        scores = [float(r["pd_probability"]) for r in rows]
+        scores = [self._scores.get(r["image"], float(r["pd_probability"])) for r in rows]
         source = self._source()
         in_domain = source.threshold if source is not None else float(self.saver.threshold)
         out: dict[str, Any] = {
@@ -596,7 +617,7 @@ class SiteAdapter:
             for row in self.saver.rows:
                 adapted = {"adapted_class": "", "adapted_label": ""}
                 if threshold is not None and not row.get("error"):
-                    c = int(float(row["pd_probability"]) >= threshold)
+                    c = int(self._scores.get(row["image"], float(row["pd_probability"])) >= threshold)
                     adapted = {"adapted_class": c, "adapted_label": "PD" if c else "HC"}
                 writer.writerow({**row, **adapted})
         os.replace(tmp, path)

@@ -259,9 +259,12 @@ def test_cli_site_adaptation_reaches_the_outputs(tiny_phantom_dataset, site_root
     with (run / "predictions.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == out["n_scans"]
+    # the decision at the estimated threshold (on the full-precision scores; the CSV rounds them to 6 decimals)
+    assert sum(int(r["adapted_class"]) for r in rows) == round(out["called_pd"] * len(rows))
     for row in rows:
-        assert row["adapted_class"] == str(int(float(row["pd_probability"]) >= out["threshold"]))
         assert row["adapted_label"] == ("PD" if row["adapted_class"] == "1" else "HC")
+        if abs(float(row["pd_probability"]) - out["threshold"]) > 1e-6:
+            assert row["adapted_class"] == str(int(float(row["pd_probability"]) >= out["threshold"]))
 
 
 def test_cli_refusal_is_one_line_with_its_own_exit_status(tiny_phantom_dataset, site_root):
@@ -281,3 +284,72 @@ def test_cli_refusal_is_one_line_with_its_own_exit_status(tiny_phantom_dataset, 
 
     bad = _bundle(site_root, "--input", str(images), "--run_name", "bad", "--site_adaptation", "magic")
     assert bad.returncode == 1 and "--site_adaptation 'magic' is not a method" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the study's measurement
+# ----------------------------------------------------------------------------------------------------------------
+def test_share_subset_has_the_share_and_is_as_large_as_possible():
+    from scripts.study.adaptation import share_subset
+
+    labels = np.r_[np.ones(100, int), np.zeros(100, int)]
+    for share, (n_pd, n_hc) in {0.2: (25, 100), 0.5: (100, 100), 0.8: (100, 25)}.items():
+        idx = share_subset(labels, share)
+        assert (labels[idx].sum(), (1 - labels[idx]).sum()) == (n_pd, n_hc)
+        assert np.array_equal(idx, share_subset(labels, share))  # fixed
+
+
+def _record(seed, with_adabn):
+    from scripts.study.adaptation import ADAPTED_KEY, share_subset
+    from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, Cell
+
+    rng = np.random.default_rng(seed)
+    val, yv = _scores(rng, 84, 36)
+    ext, ye = _scores(rng, 100, 100)
+    ext_shifted = _sigmoid(np.log(ext / (1 - ext)) - 2.5)  # the site's scores moved down: PD scans missed
+    files = [f"s{i:03d}.nii.gz" for i in range(200)]
+    record = {
+        "cell": f"kd-s{seed}",
+        "axes": Cell("student", seed, DEFAULT_PROJECTION, True, DEFAULT_VARIANT, 1.0, 1.0).as_dict(),
+        "predictions": {
+            "bench/validation": {"files": [f"v{i}" for i in range(120)], "labels": yv.tolist(), "scores": val.tolist()},
+            "ext/test": {"files": files, "labels": ye.tolist(), "scores": ext_shifted.tolist()},
+        },
+    }
+    if with_adabn:  # AdaBN undid the shift
+        adapted = {}
+        for share in (0.2, 0.5, 0.8):
+            idx = share_subset(ye, share)
+            adapted[f"ext@{share:g}"] = {
+                "files": [files[i] for i in idx],
+                "labels": ye[idx].tolist(),
+                "scores": ext[idx].tolist(),
+            }
+        record[ADAPTED_KEY] = adapted
+    return record
+
+
+def test_study_measurement_pairs_methods_and_recommends_one():
+    from types import SimpleNamespace
+
+    from scripts.study.adaptation import adaptation_results, adaptation_section, section_for_study
+
+    records = [_record(0, True), _record(1, True)]
+    results = adaptation_results(records, "bench", ["ext"], n_draws=8)
+    model = "2D joint fusion slices, with KD"
+    table = results["models"][model]
+    assert sorted(table) == ["ext@0.2", "ext@0.5", "ext@0.8"] and results["seeds"][model] == 2
+    for rows in table.values():
+        assert rows["none"]["sens"] < 0.8  # the in-domain threshold misses the shifted PD scans
+        assert rows["mixture"]["sens"] > rows["none"]["sens"] + 0.1
+        assert rows["mixture"]["d_sens_ci"][0] > 0
+        assert rows["adabn"]["sens"] >= 0.9 and rows["adabn"]["spec"] >= 0.9
+        assert rows["none"]["d_sens"] == 0 and rows["none"]["refused"] == 0
+    section = adaptation_section(results)
+    assert "## Site adaptation without labels" in section and "**ext, true PD share 0.2**" in section
+    assert "**Recommended method: `adabn" in section
+    res = SimpleNamespace(externals=["ext"], records={r["cell"]: r for r in records})
+    assert section_for_study(res).startswith("## Site adaptation without labels")
+    # without AdaBN scores only the score methods are measured
+    plain = adaptation_results([_record(0, False)], "bench", ["ext"], n_draws=4)
+    assert set(plain["models"][model]["ext@0.5"]) == {"none", "em", "bbse", "mixture"}

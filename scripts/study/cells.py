@@ -331,6 +331,13 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
     record["seconds"]["evaluate"] = time.perf_counter() - start
     record["predictions"] = predictions
     record["thresholds"], record["metrics"] = operating_metrics(ctx, predictions, 0.5)
+    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, wants_adabn
+
+    if wants_adabn(cell) and len(ctx.datasets) > 1:  # the external sets re-scored after AdaBN (site adaptation)
+        start = time.perf_counter()
+        record[ADAPTED_KEY] = adabn_predictions(ctx, cell, checkpoint)
+        gc.collect()
+        record["seconds"]["adabn"] = time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -705,6 +705,9 @@ def write_report(
             "the ranking itself survived the shift (no threshold can repair a lost ranking)."
             + fig("external.png", "in-domain vs external")
         )
+    from scripts.study.adaptation import section_for_study
+
+    parts.append(section_for_study(res))  # label-free site adaptation on the external sets (empty without them)
     centres = _centres(b, key)
     if centres:
         parts.append("## Slice centre: template vs auto\n\n" + centres + fig("centres.png", "auto centres by class"))

@@ -1,0 +1,407 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""The study's measurement of label-free site adaptation (:mod:`scripts.site_adaptation`) on the external sets.
+
+For every external set, every true PD share in :data:`SHARES` and every method in :data:`METHODS`:
+
+* **the site**: a fixed subset of the external test split with that PD share, as large as the set allows (200
+  balanced scans give 25 PD + 100 HC at 0.2, 100 + 100 at 0.5, 100 PD + 25 HC at 0.8), chosen by subject with a
+  fixed seed (:func:`share_subset`);
+* **AdaBN**: the cell's checkpoint re-scores the site through ``configs/inference.json --site_adaptation adabn``
+  (batch-norm statistics re-estimated on that site's scans), once per set and share (:func:`adabn_predictions`,
+  run inside the cell by :mod:`scripts.study.cells`, or afterwards by this module's command line);
+* **the measurement**: :data:`N_DRAWS` bootstrap draws of the site (its PD and HC scans resampled with replacement,
+  class counts fixed); on each draw every method sees the same scans, without their labels, estimates its
+  threshold and is scored (sensitivity, specificity) against the labels. A refused draw keeps the in-domain
+  threshold (what the inference leaves in ``predicted_class``) and is counted as refused.
+
+Reported per model (pooled over seeds): mean sensitivity and specificity per method, the paired difference to the
+in-domain threshold with its 95 % interval over the draws (the same draws for both; seed-averaged), the share of
+draws meeting the target (both ≥ :data:`TARGET`) and the refusal rate. The report recommends the method whose
+worst case (lowest of mean sensitivity and specificity over every set and share) is highest for the default KD
+student.
+
+Command line (adds the AdaBN scores to a finished study's records, then prints the table)::
+
+    python -m scripts.study.adaptation eval/study-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scripts.site_adaptation import MIN_SCANS, SiteAdaptationRefusedError, SourceScores, adapt_scores, parse_methods
+from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, Cell
+
+__all__ = [
+    "SHARES",
+    "METHODS",
+    "TARGET",
+    "N_DRAWS",
+    "share_subset",
+    "wants_adabn",
+    "adabn_predictions",
+    "evaluate_record",
+    "adaptation_results",
+    "adaptation_section",
+]
+
+SHARES = (0.2, 0.5, 0.8)
+"""True PD shares of the simulated sites."""
+METHODS = ("none", "em", "bbse", "mixture", "adabn", "adabn+em", "adabn+bbse", "adabn+mixture")
+"""Methods measured (``none``: the in-domain threshold)."""
+TARGET = 0.90
+"""Sensitivity and specificity every method should reach at every set and share."""
+N_DRAWS = 100
+"""Bootstrap draws of each site."""
+ADAPTED_KEY = "adapted_predictions"
+"""Record key of the AdaBN scores: ``{"<set>@<share>": {"files", "labels", "scores"}}``."""
+
+
+def _share_key(name: str, share: float) -> str:
+    return f"{name}@{share:g}"
+
+
+def share_subset(labels: Sequence[int], share: float, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of the largest subset of ``labels`` with PD share ``share``, drawn with ``seed``."""
+    y = np.asarray(labels, dtype=np.int64)
+    pd_idx, hc_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"a site's PD share must be in (0, 1), got {share}.")
+    n = int(math.floor(min(pd_idx.size / share, hc_idx.size / (1.0 - share)) + 1e-9))
+    n_pd = int(round(share * n))
+    n_pd, n_hc = min(n_pd, pd_idx.size), min(n - n_pd, hc_idx.size)  # either may be 0 on a tiny set
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(pd_idx, n_pd, replace=False), rng.choice(hc_idx, n_hc, replace=False)]))
+
+
+def wants_adabn(cell: Cell) -> bool:
+    """The cells whose AdaBN scores the study measures: full-data teachers and the default projection's KD
+    (default loss) and no-KD students, with the default slice centre and intensity normalisation."""
+    if cell.fraction != 1.0 or cell.intensity != "minmax":
+        return False
+    if cell.kind == "teacher":
+        return True
+    return (
+        cell.kind == "student"
+        and cell.projection == DEFAULT_PROJECTION
+        and cell.centre == "template"
+        and (not cell.kd or cell.variant == DEFAULT_VARIANT)
+    )
+
+
+def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Mapping | None = None) -> dict:
+    """Score every external set's share subsets with ``checkpoint`` after AdaBN, through ``configs/inference.json``.
+
+    Each site is written as a datalist ``<cell dir>/adaptation/<set>@<share>.json``; the inference runs in
+    ``<cell dir>/eval/adabn-<set>@<share>``. Returns ``{"<set>@<share>": {"files", "labels", "scores"}}``.
+    """
+    from scripts.data import load_datalist
+    from scripts.study.cells import cell_dir, run_bundle
+
+    root = cell_dir(ctx.run_dir, cell)
+    out: dict[str, dict] = {}
+    configs = ["inference.json"] + (["inference_teacher.json"] if cell.kind == "teacher" else [])
+    from scripts.study.cells import BUNDLE_ROOT
+
+    known = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text(encoding="utf-8"))
+    shared = {k: v for k, v in dict(settings if settings is not None else ctx.settings).items() if k in known}
+    for name in ctx.datasets:
+        if name == ctx.in_domain:
+            continue
+        entries = sorted(load_datalist(ctx.datasets[name], "test"), key=lambda e: str(e["image"]))
+        labels = [int(e["label"]) for e in entries]
+        for share in SHARES:
+            key = _share_key(name, share)
+            site = [entries[i] for i in share_subset(labels, share)]
+            if len(site) < MIN_SCANS:  # every method would refuse so small a site: nothing to measure
+                continue
+            datalist = root / "adaptation" / f"{key}.json"
+            datalist.parent.mkdir(parents=True, exist_ok=True)
+            datalist.write_text(json.dumps({"test": [{"image": str(e["image"])} for e in site]}, indent=1))
+            run_name = f"adabn-{key}"
+            overrides = {
+                **shared,
+                "bundle_root": str(root),
+                "input": str(datalist),
+                "input_split": "test",
+                "model_file": str(checkpoint),
+                "site_adaptation": "adabn",
+                "site_adaptation_min_scans": min(MIN_SCANS, len(site)),
+                "run_name": run_name,
+            }
+            run_bundle(configs, "run", overrides, "infer")
+            with (root / "eval" / run_name / "predictions.csv").open(newline="", encoding="utf-8") as f:
+                scores = {Path(r["image"]).name: float(r["pd_probability"]) for r in csv.DictReader(f)}
+            out[key] = {
+                "files": [Path(str(e["image"])).name for e in site],
+                "labels": [int(e["label"]) for e in site],
+                "scores": [scores[Path(str(e["image"])).name] for e in site],
+            }
+    return out
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    called = scores >= threshold
+    return float(called[labels == 1].mean()), float((~called[labels == 0]).mean())
+
+
+def evaluate_record(
+    record: Mapping, in_domain: str, externals: Sequence[str], n_draws: int = N_DRAWS, min_scans: int = MIN_SCANS
+) -> dict[str, dict]:
+    """Sensitivity and specificity per draw of every method for one cell.
+
+    Returns:
+        ``{"<set>@<share>": {method: {"sens": [...], "spec": [...], "refused": [...], "threshold": [...],
+        "pd_share": [...]}}}`` with one entry per draw (draw ``b`` uses seed ``b``, the same for every cell and
+        method, so cells and methods pair by draw). AdaBN methods are absent when the record has no AdaBN scores.
+    """
+    predictions = record["predictions"]
+    val = predictions[f"{in_domain}/validation"]
+    source = SourceScores.from_arrays(val["scores"], val["labels"])
+    adapted = record.get(ADAPTED_KEY) or {}
+    out: dict[str, dict] = {}
+    for name in externals:
+        test = predictions.get(f"{name}/test")
+        if test is None:
+            continue
+        index = {f: i for i, f in enumerate(test["files"])}
+        labels_all = np.asarray(test["labels"])
+        for share in SHARES:
+            key = _share_key(name, share)
+            subset = share_subset(labels_all, share)
+            y = labels_all[subset]
+            plain = np.asarray(test["scores"], dtype=np.float64)[subset]
+            families = {"plain": plain}
+            if key in adapted:
+                ada = adapted[key]
+                if [index.get(f) for f in ada["files"]] != [int(i) for i in subset]:
+                    raise ValueError(f"{record['cell']}: AdaBN scores of {key} are not those of its site subset.")
+                families["adabn"] = np.asarray(ada["scores"], dtype=np.float64)
+            pd_idx, hc_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+            if pd_idx.size == 0 or hc_idx.size == 0:
+                continue
+            res = {m: {"sens": [], "spec": [], "refused": [], "threshold": [], "pd_share": []} for m in METHODS}
+            for b in range(n_draws):
+                rng = np.random.default_rng(b)
+                draw = np.concatenate([rng.choice(pd_idx, pd_idx.size), rng.choice(hc_idx, hc_idx.size)])
+                yb = y[draw]
+                for method in METHODS:
+                    adabn, score_method = parse_methods(method)
+                    family = "adabn" if adabn else "plain"
+                    if family not in families:
+                        continue
+                    sb = families[family][draw]
+                    refused, share_hat = False, None
+                    try:
+                        fit = adapt_scores(score_method, sb, source, source.threshold, min_scans)
+                        threshold, share_hat = fit["threshold"], fit["pd_share"]
+                    except SiteAdaptationRefusedError:
+                        threshold, refused = source.threshold, True
+                    sens, spec = _metrics(yb, sb, threshold)
+                    r = res[method]
+                    r["sens"].append(sens)
+                    r["spec"].append(spec)
+                    r["refused"].append(refused)
+                    r["threshold"].append(float(threshold))
+                    r["pd_share"].append(share_hat)
+            out[key] = {m: v for m, v in res.items() if v["sens"]}
+    return out
+
+
+def _model(cell: Cell) -> str | None:
+    if not wants_adabn(cell):
+        return None
+    if cell.kind == "teacher":
+        return "3D teacher"
+    return f"2D {cell.projection.replace('_', ' ')}, " + ("with KD" if cell.kd else "without KD")
+
+
+def adaptation_results(
+    records: Sequence[Mapping], in_domain: str, externals: Sequence[str], n_draws: int = N_DRAWS
+) -> dict[str, Any]:
+    """Per model (seeds pooled), set, share and method: mean sensitivity / specificity, the paired difference to
+    ``none`` with its 95 % interval over draws, the share of draws meeting :data:`TARGET`, the refusal rate and the
+    mean estimated PD share. ``{"models": {model: {"<set>@<share>": {method: {...}}}}, "seeds": {model: n}}``."""
+    per_model: dict[str, list[dict]] = {}
+    for record in records:
+        model = _model(Cell.from_dict(record["axes"])) if "axes" in record else None
+        if model is None or "predictions" not in record:
+            continue
+        per_model.setdefault(model, []).append(evaluate_record(record, in_domain, externals, n_draws))
+    models: dict[str, dict] = {}
+    for model, runs in per_model.items():
+        table: dict[str, dict] = {}
+        for key in runs[0]:
+            methods = [m for m in METHODS if all(m in run.get(key, {}) for run in runs)]
+            rows = {}
+            for method in methods:
+                sens = np.array([run[key][method]["sens"] for run in runs])  # (seeds, draws)
+                spec = np.array([run[key][method]["spec"] for run in runs])
+                ref = np.array([run[key][method]["refused"] for run in runs])
+                shares = [s for run in runs for s in run[key][method]["pd_share"] if s is not None]
+                base_sens = np.array([run[key]["none"]["sens"] for run in runs])
+                base_spec = np.array([run[key]["none"]["spec"] for run in runs])
+                d_sens, d_spec = (sens - base_sens).mean(axis=0), (spec - base_spec).mean(axis=0)
+                rows[method] = {
+                    "sens": float(sens.mean()),
+                    "spec": float(spec.mean()),
+                    "d_sens": float(d_sens.mean()),
+                    "d_sens_ci": [float(np.percentile(d_sens, 2.5)), float(np.percentile(d_sens, 97.5))],
+                    "d_spec": float(d_spec.mean()),
+                    "d_spec_ci": [float(np.percentile(d_spec, 2.5)), float(np.percentile(d_spec, 97.5))],
+                    "meets_target": float(((sens >= TARGET) & (spec >= TARGET)).mean()),
+                    "refused": float(ref.mean()),
+                    "pd_share": float(np.mean(shares)) if shares else None,
+                }
+            table[key] = rows
+        models[model] = table
+    return {"models": models, "seeds": {m: len(r) for m, r in per_model.items()}, "n_draws": n_draws}
+
+
+def recommend(results: Mapping[str, Any], model: str) -> tuple[str, float, bool] | None:
+    """``(method, worst case, meets target everywhere)`` with the highest worst case of ``min(sens, spec)`` over
+    every set and share for ``model`` (ties: the simpler method, in :data:`METHODS` order)."""
+    table = results["models"].get(model)
+    if not table:
+        return None
+    best = None
+    for method in METHODS:
+        if not all(method in rows for rows in table.values()):
+            continue
+        worst = min(min(rows[method]["sens"], rows[method]["spec"]) for rows in table.values())
+        if best is None or worst > best[1] + 1e-9:
+            best = (method, worst, worst >= TARGET)
+    return best
+
+
+def _ci(mean: float, ci: Sequence[float]) -> str:
+    return f"{mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def adaptation_section(results: Mapping[str, Any], default_model: str | None = None) -> str:
+    """The report's Markdown section (tables per model and external set, recommendation)."""
+    models = results.get("models") or {}
+    if not models:
+        return ""
+    default_model = default_model or f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+    lines = [
+        "## Site adaptation without labels",
+        f"Each external set is turned into sites with a true PD share of {', '.join(f'{s:g}' for s in SHARES)} "
+        "(the largest subset with that share, fixed by subject), and each site is resampled "
+        f"{results['n_draws']} times (its PD and HC scans drawn with replacement). Every method sees a draw's scans "
+        "without labels or prevalence and sets its own threshold (`python -m monai.bundle run --config_file "
+        "configs/inference.json --site_adaptation METHOD`, see docs/new_site.md); *none* is the in-domain "
+        "threshold. Sensitivity / specificity are means over seeds and draws; Δ is the paired difference to *none* "
+        "(same draws), mean [95 % interval over draws, seed-averaged]; *target* is the share of draws with both "
+        f"≥ {TARGET:.2f}; *refused* the share of draws the method declined (they keep the in-domain threshold); "
+        "*π̂* the mean estimated PD share.",
+    ]
+    for model, table in models.items():
+        lines.append(f"### {model} ({results['seeds'][model]} seed(s))")
+        for key, rows in table.items():
+            name, share = key.split("@")
+            header = "| method | π̂ | sensitivity | specificity | Δ sensitivity | Δ specificity | target | refused |"
+            body = [header, "|---|---|---|---|---|---|---|---|"]
+            for method, r in rows.items():
+                pi = f"{r['pd_share']:.2f}" if r["pd_share"] is not None else "–"
+                body.append(
+                    f"| {method} | {pi} | {r['sens']:.3f} | {r['spec']:.3f} | {_ci(r['d_sens'], r['d_sens_ci'])} | "
+                    f"{_ci(r['d_spec'], r['d_spec_ci'])} | {r['meets_target']:.2f} | {r['refused']:.2f} |"
+                )
+            lines.append(f"**{name}, true PD share {share}**\n\n" + "\n".join(body))
+    rec = recommend(results, default_model)
+    if rec is not None:
+        method, worst, ok = rec
+        where = [
+            f"{key.replace('@', ' at ')}: {table[method]['sens']:.2f} / {table[method]['spec']:.2f}"
+            for key, table in models[default_model].items()
+        ]
+        verdict = (
+            f"it meets the target (sensitivity and specificity ≥ {TARGET:.2f}) at every set and share"
+            if ok
+            else f"**the target (sensitivity and specificity ≥ {TARGET:.2f} at every set and share) is missed**: "
+            f"its worst case is {worst:.3f}"
+        )
+        lines.append(
+            f"**Recommended method: `{method}`** for the {default_model} student: the highest worst case over every "
+            f"set and share (lowest of mean sensitivity and specificity {worst:.3f}); {verdict}. Sensitivity / "
+            "specificity per site: " + "; ".join(where) + "."
+        )
+    return "\n\n".join(lines)
+
+
+def section_for_study(res: Any) -> str:
+    """The report hook: the section for a loaded :class:`scripts.study.report.StudyResults` (empty without
+    external sets or without the models measured)."""
+    externals = list(getattr(res, "externals", []) or [])
+    if not externals:
+        return ""
+    records = list(res.records.values()) if isinstance(res.records, Mapping) else list(res.records)
+    in_domain = _in_domain(records)
+    if in_domain is None:
+        return ""
+    return adaptation_section(adaptation_results(records, in_domain, externals))
+
+
+def _in_domain(records: Sequence[Mapping]) -> str | None:
+    for record in records:
+        for key in record.get("predictions", {}):
+            if key.endswith("/validation"):
+                return key.split("/")[0]
+    return None
+
+
+def add_adabn(run_dir: str | Path) -> int:
+    """Add the AdaBN scores to every finished record of ``run_dir`` that the study measures and that lacks them
+    (the updated record is appended to ``results.jsonl``; a later record of a cell wins). Returns how many."""
+    from scripts.study.cells import log_to
+    from scripts.study.results import ResultsFile
+    from scripts.study.runner import context_from_study
+
+    ctx = context_from_study(run_dir)
+    results = ResultsFile(Path(run_dir) / "results.jsonl")
+    added = 0
+    for name, record in results.read().items():
+        cell = Cell.from_dict(record["axes"])
+        if cell.kind == "baseline" or not wants_adabn(cell) or record.get(ADAPTED_KEY) or "checkpoint" not in record:
+            continue
+        with log_to(Path(run_dir) / "cells" / name / "log.txt"):
+            record[ADAPTED_KEY] = adabn_predictions(ctx, cell, record["checkpoint"])
+        results.append(record)
+        added += 1
+        print(f"{name}: AdaBN scores added", flush=True)
+    return added
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.study.adaptation", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--draws", type=int, default=N_DRAWS)
+    parser.add_argument("--no-adabn", action="store_true", help="do not run AdaBN for records lacking it")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    from scripts.study.results import ResultsFile
+    from scripts.study.runner import context_from_study
+
+    if not args.no_adabn:
+        add_adabn(args.run_dir)
+    ctx = context_from_study(args.run_dir)
+    records = list(ResultsFile(Path(args.run_dir) / "results.jsonl").read().values())
+    externals = [n for n in ctx.datasets if n != ctx.in_domain]
+    results = adaptation_results(records, ctx.in_domain, externals, args.draws)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(adaptation_section(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
