@@ -245,7 +245,7 @@ PRESETS: dict[str, dict] = {
         "teachers": 1,
         "teacher_epochs": 6,
         "student_epochs": 10,
-        "n_subjects": {"benchmark": 200},
+        "n_subjects": {"benchmark": 200, "av133": 200, "spect_other_site": 200},
     },
     "cpu": {
         "projections": ("single_slice", "early_fusion_slices", "joint_fusion_slices", "dynamic_image", "entropy"),

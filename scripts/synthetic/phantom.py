@@ -847,9 +847,18 @@ def _build_subject(seed: int, index: int, label: int, n_visits: int, config: Pha
 
 
 def _dataset_design(
-    n_subjects: int, seed: int, pd_fraction: float, max_visits: int, fractions: Sequence[float]
+    n_subjects: int,
+    seed: int,
+    pd_fraction: float,
+    max_visits: int,
+    fractions: Sequence[float],
+    extra_test_subjects: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Labels, split index (0 training, 1 validation, 2 test) and visit count of every subject."""
+    """Labels, split index (0 training, 1 validation, 2 test) and visit count of every subject.
+
+    ``extra_test_subjects`` more subjects (indices ``n_subjects ..``, ``round(pd_fraction * extra)`` of them PD, in
+    their own seeded order) all go to the test split; the first ``n_subjects`` are exactly those without them.
+    """
     n_pd = int(round(pd_fraction * n_subjects))
     master = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=(0,))))
     labels = master.permutation(np.array([1] * n_pd + [0] * (n_subjects - n_pd), dtype=np.int64))
@@ -859,7 +868,15 @@ def _dataset_design(
         bounds = np.cumsum([0] + _allocate(members.size, fractions))
         for s in range(3):
             split_of[members[bounds[s] : bounds[s + 1]]] = s
-    n_visits = [int(subject_rng(seed, i, 1).integers(1, max_visits + 1)) for i in range(n_subjects)]
+    extra = int(extra_test_subjects)
+    if extra > 0:
+        n_pd_extra = int(round(pd_fraction * extra))
+        more = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=(2,))))
+        labels = np.concatenate(
+            [labels, more.permutation(np.array([1] * n_pd_extra + [0] * (extra - n_pd_extra), dtype=np.int64))]
+        )
+        split_of = np.concatenate([split_of, np.full(extra, 2, dtype=np.int64)])
+    n_visits = [int(subject_rng(seed, i, 1).integers(1, max_visits + 1)) for i in range(n_subjects + max(extra, 0))]
     return labels, split_of, n_visits
 
 
@@ -981,6 +998,7 @@ def generate_dataset(
     split: Sequence[float] | None = None,
     workers: int = 1,
     preset: str | Preset = "default",
+    extra_test_subjects: int | None = None,
     **overrides,
 ) -> pathlib.Path:
     """Generate a phantom data set: NIfTI volumes plus a ``datalist.json`` split by subject.
@@ -1006,6 +1024,9 @@ def generate_dataset(
         workers: number of worker processes.
         preset: a name in :data:`PRESETS` (``"default"``, ``"benchmark"``, ``"av133_external"``,
             ``"spect_other_site"``): generator overrides and defaults for the arguments above.
+        extra_test_subjects: subjects added to the test split only, from the same population (``None``: the
+            preset's; the benchmark adds 880 to its 120 test subjects); the first ``n_subjects`` subjects and their
+            split do not depend on it.
         overrides: :class:`PhantomConfig` fields replacing the preset's values (e.g. ``mild_fraction=0.1``).
 
     With ``workers > 1`` a ``spawn`` process pool is used, so a calling script needs the usual
@@ -1024,14 +1045,18 @@ def generate_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    labels, split_of, n_visits = _dataset_design(n_subjects, seed, pd_fraction, max_visits, fractions)
-    id_width = max(4, len(str(n_subjects)))
-    tasks = [(int(seed), i, int(labels[i]), n_visits[i], config, str(out), id_width) for i in range(n_subjects)]
+    extra = p.extra_test_subjects if extra_test_subjects is None else int(extra_test_subjects)
+    if extra < 0:
+        raise ValueError(f"extra_test_subjects must be >= 0, got {extra}.")
+    labels, split_of, n_visits = _dataset_design(n_subjects, seed, pd_fraction, max_visits, fractions, extra)
+    n_total = n_subjects + extra
+    id_width = max(4, len(str(n_total)))
+    tasks = [(int(seed), i, int(labels[i]), n_visits[i], config, str(out), id_width) for i in range(n_total)]
 
-    if workers > 1 and n_subjects > 1:
+    if workers > 1 and n_total > 1:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(processes=min(int(workers), n_subjects)) as pool:
-            results = pool.map(_subject_entries, tasks, chunksize=max(1, n_subjects // (8 * workers)))
+        with ctx.Pool(processes=min(int(workers), n_total)) as pool:
+            results = pool.map(_subject_entries, tasks, chunksize=max(1, n_total // (8 * workers)))
     else:
         results = [_subject_entries(t) for t in tasks]
 
@@ -1057,6 +1082,7 @@ def generate_dataset(
         "modality": modality,
         "seed": int(seed),
         "n_subjects": int(n_subjects),
+        "extra_test_subjects": int(extra),
         "n_scans": int(sum(len(r) for r in results)),
         "pd_fraction": float(pd_fraction),
         "max_visits": int(max_visits),
@@ -1073,16 +1099,20 @@ def generate_dataset(
     return path
 
 
-def _study_sizes(n_subjects: int | Mapping[str, int] | None) -> dict[str, int]:
-    sizes = {name: get_preset(preset).n_subjects for name, (preset, _) in STUDY_SETS.items()}
+def _study_sizes(n_subjects: int | Mapping[str, int] | None) -> dict[str, tuple[int, int]]:
+    """``{set: (n_subjects, extra_test_subjects)}``: a set sized explicitly gets no extra test subjects."""
+    sizes = {
+        name: (get_preset(preset).n_subjects, get_preset(preset).extra_test_subjects)
+        for name, (preset, _) in STUDY_SETS.items()
+    }
     if n_subjects is None:
         return sizes
     if isinstance(n_subjects, Mapping):
         unknown = sorted(set(n_subjects) - set(sizes))
         if unknown:
             raise ValueError(f"unknown study set(s) {unknown} in n_subjects; valid sets are {list(STUDY_SETS)}.")
-        return {**sizes, **{k: int(v) for k, v in n_subjects.items()}}
-    return {name: int(n_subjects) for name in sizes}
+        return {**sizes, **{k: (int(v), 0) for k, v in n_subjects.items()}}
+    return {name: (int(n_subjects), 0) for name in sizes}
 
 
 def make_study_data(
@@ -1099,8 +1129,9 @@ def make_study_data(
         root: the study data folder.
         seed: the study's master seed.
         workers: worker processes per set.
-        n_subjects: ``None`` for each preset's recommended size (600 / 200 / 200), an int for every set, or
-            ``{set name: n}`` for some sets.
+        n_subjects: ``None`` for each preset's recommended size (benchmark: 600 subjects split 60/20/20 plus 880
+            test-only subjects, a 1,000-scan test split; each external set 500), an int for every set, or
+            ``{set name: n}`` for some sets (a set sized so has no extra test subjects).
 
     Returns:
         ``{"benchmark": root/benchmark/datalist.json, "av133": ..., "spect_other_site": ...}``.
@@ -1116,12 +1147,18 @@ def make_study_data(
         set_seed, path = study_seed(seed, name), root / name / "datalist.json"
         if path.is_file():
             meta = json.loads(path.read_text()).get("metadata", {})
-            made = (meta.get("preset", "default"), meta.get("seed"), meta.get("n_subjects"))
-            if made != (preset, set_seed, sizes[name]):
+            made = (
+                meta.get("preset", "default"),
+                meta.get("seed"),
+                meta.get("n_subjects"),
+                meta.get("extra_test_subjects", 0),
+            )
+            if made != (preset, set_seed, *sizes[name]):
                 raise ValueError(
-                    f"{path} was made with preset={made[0]!r}, seed={made[1]}, n_subjects={made[2]}, not "
-                    f"preset={preset!r}, seed={set_seed}, n_subjects={sizes[name]}: remove {path.parent} or use "
-                    "another study folder."
+                    f"{path} was made with preset={made[0]!r}, seed={made[1]}, n_subjects={made[2]}, "
+                    f"extra_test_subjects={made[3]}, not preset={preset!r}, seed={set_seed}, "
+                    f"n_subjects={sizes[name][0]}, extra_test_subjects={sizes[name][1]}: remove {path.parent} or "
+                    "use another study folder."
                 )
             # JSON round trip: tuples are stored as lists.
             expected = json.loads(json.dumps(dataclasses.asdict(preset_config(preset))))
@@ -1132,7 +1169,8 @@ def make_study_data(
                     f"(changed: {changed}): remove {path.parent} to generate it again."
                 )
         else:
-            generate_dataset(root / name, sizes[name], seed=set_seed, preset=preset, workers=workers)
+            n, extra = sizes[name]
+            generate_dataset(root / name, n, seed=set_seed, preset=preset, workers=workers, extra_test_subjects=extra)
         paths[name] = path
     return paths
 
@@ -1239,6 +1277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--split", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"), help="default: the preset's"
     )
+    parser.add_argument(
+        "--extra-test-subjects",
+        type=int,
+        default=None,
+        metavar="N",
+        help="subjects added to the test split only (default: the preset's; benchmark 880, a 1,000-scan test split)",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
         "--set",
@@ -1259,6 +1304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.study_data:
         unused = [f"--{k.replace('_', '-')}" for k, v in design.items() if v is not None]
         unused += ["--set"] * bool(args.overrides) + ["--preset"] * (args.preset != "default")
+        unused += ["--extra-test-subjects"] * (args.extra_test_subjects is not None)
         if unused:
             parser.error(f"{', '.join(unused)} cannot be used with --study-data (its sets are fixed presets).")
         try:
@@ -1282,6 +1328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             workers=args.workers,
             preset=args.preset,
+            extra_test_subjects=args.extra_test_subjects,
             **design,
             **dict(args.overrides),
         )
