@@ -335,6 +335,35 @@ def _short_target(target: str | None) -> str:
     return str(target).rsplit(".", 1)[-1]
 
 
+SERVING_SETTINGS = ("spatial_size", "intensity", "projection")
+"""Settings without which a checkpoint cannot be served as it was trained (the grid, the intensity scaling, the
+projection of a student)."""
+
+
+def _warn_unrecorded(
+    path: Path, role: str, recorded: Mapping[str, Any], config: Mapping[str, Any], parser: Any
+) -> None:
+    """Warn when a checkpoint to serve does not record a setting of :data:`SERVING_SETTINGS` that the config uses
+    and the user left at the bundle's default: it is served with the default, which may not be what it was trained
+    on (the prediction of a scan can change completely)."""
+    defaults = _config_defaults()
+    guessed = []
+    for key in SERVING_SETTINGS:
+        if key in recorded or key not in config or key not in defaults:
+            continue
+        value = config[key]
+        if isinstance(value, str) and value[:1] in ("$", "@", "%") and parser is not None:
+            value = parser.get_parsed_content(key)
+        if _plain(value) == _plain(defaults[key]):
+            guessed.append(f"{key}={_plain(value)!r}")
+    if guessed:
+        logger.warning(
+            f"{role} checkpoint {path} does not record the settings it was trained with; it is served with the "
+            f"bundle's defaults {', '.join(guessed)}: if it was trained otherwise, pass them (e.g. --spatial_size "
+            "[64,64,64]), or predictions will be wrong."
+        )
+
+
 def check_checkpoint(
     checkpoint: str | os.PathLike,
     role: str = "model",
@@ -375,6 +404,8 @@ def check_checkpoint(
     state, info = read_checkpoint(checkpoint, role)
     config = parser.get() if parser is not None else {}
     path = Path(checkpoint)
+    if apply_settings:
+        _warn_unrecorded(path, role, (info or {}).get("settings") or {}, config, parser)
     if info is None:
         logger.warning(f"{role} checkpoint {path} does not record its settings (saved by an older version).")
     else:

@@ -44,6 +44,7 @@ from monai.data import Dataset, MetaTensor, load_decathlon_datalist
 from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import look_up_option
 from scripts.anatomy import MNI_2MM_SHAPE
+from scripts.dicom import dicom_files, is_dicom_series
 from scripts.errors import InputError
 from scripts.options import parse_bool
 
@@ -139,6 +140,16 @@ def validate_datalist(entries: Sequence[Mapping], source: str, check_files: bool
     return out
 
 
+def file_identity(path: str | os.PathLike) -> tuple:
+    """What a path is, whatever it is called: ``(device, inode)`` of the file (symbolic and hard links, ``..`` and
+    other spellings of one file are equal), or its resolved path when it cannot be read."""
+    try:
+        st = os.stat(path)
+        return ("file", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
 def check_splits(content: Mapping[str, Any], source: str, base_dir: str | os.PathLike = ".") -> None:
     """Refuse a datalist whose splits overlap: a scan listed twice, or one subject in two splits.
 
@@ -150,7 +161,7 @@ def check_splits(content: Mapping[str, Any], source: str, base_dir: str | os.Pat
     Raises:
         DatalistError: naming the scan or subject and both places it appears.
     """
-    images: dict[str, str] = {}
+    images: dict[tuple, str] = {}
     subjects: dict[str, str] = {}
     for split in SPLITS:
         entries = content.get(split)
@@ -161,11 +172,13 @@ def check_splits(content: Mapping[str, Any], source: str, base_dir: str | os.Pat
                 continue  # reported with its entry when the split is loaded
             where = f"{split!r} entry {i}"
             image = os.path.normpath(os.path.join(str(base_dir), entry["image"]))
-            if image in images:
+            identity = file_identity(image)
+            if identity in images:
                 raise DatalistError(
-                    f"{source}: {entry['image']} is listed twice ({images[image]} and {where}); remove the duplicate."
+                    f"{source}: {entry['image']} is listed twice ({images[identity]} and {where}; the same file, "
+                    "perhaps through a link); remove the duplicate."
                 )
-            images[image] = where
+            images[identity] = where
             subject = str(entry.get("subject") or _subject_from_path(image))
             first = subjects.setdefault(subject, split)
             if first != split:
@@ -433,10 +446,7 @@ def build_datalist(
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    try:
-        return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
-    except OSError:  # unreadable folder
-        return False
+    return is_dicom_series(folder)
 
 
 def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
@@ -463,13 +473,14 @@ def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
     if p.is_file():
         if not str(p).endswith((".nii", ".nii.gz")):
             raise DatalistError(f"{p}: expected a .nii/.nii.gz file, a DICOM series folder, a folder or a datalist.")
-        return [{"image": str(p.resolve())}]
+        return [{"image": os.path.abspath(p)}]
     if _is_dicom_series(p):
-        return [{"image": str(p.resolve())}]
+        return [{"image": os.path.abspath(p)}]
     scans = sorted(q for q in p.iterdir() if q.name.endswith((".nii", ".nii.gz")) or _is_dicom_series(q))
     if not scans:
         raise DatalistError(f"{p}: no NIfTI files or DICOM series found.")
-    return [{"image": str(q.resolve())} for q in scans]
+    # absolute, but as the user named them: a symbolic link keeps its own name in the predictions
+    return [{"image": os.path.abspath(q)} for q in scans]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -552,7 +563,7 @@ def dicom_series_problems(folder: str | os.PathLike, n_slices: int) -> list[str]
     import itk
 
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    files = dicom_files(folder)
     problems = []
     io = itk.GDCMImageIO.New()
     unreadable, positions = [], []

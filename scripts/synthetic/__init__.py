@@ -17,6 +17,24 @@ from scripts.errors import InputError
 __all__ = ["ensure_dataset"]
 
 
+def _what_it_holds(folder: Path, limit: int = 2000) -> str:
+    """``"DICOM files"``, ``"NIfTI scans"`` or ``"N files"``: what a folder holds, for the refusal message (DICOM
+    recognised by content: many exports have no ``.dcm`` suffix)."""
+    from scripts.dicom import is_dicom_file
+
+    files = []
+    for i, path in enumerate(folder.rglob("*")):
+        if i >= limit:
+            break
+        if path.is_file():
+            files.append(path)
+    if any(p.name.endswith((".nii", ".nii.gz")) for p in files):
+        return "NIfTI scans"
+    if any(p.suffix.lower() == ".dcm" or is_dicom_file(p) for p in files[:200]):
+        return "DICOM files"
+    return f"{len(files)} file(s)" if files else "sub-folders"
+
+
 def ensure_dataset(
     dataset_dir: str | os.PathLike,
     n_subjects: int = 200,
@@ -28,8 +46,9 @@ def ensure_dataset(
     """Return ``<dataset_dir>/<datalist_name>``; generate the synthetic phantom set there first if it is absent.
 
     Nothing happens when the datalist exists (your own data, or a synthetic set made earlier: generation is
-    deterministic for a seed). A folder that holds scans but no datalist is never written into: the error says
-    how to build a datalist for one's own scans.
+    deterministic for a seed). A folder that holds anything but no datalist (NIfTI scans, DICOM series with or
+    without a ``.dcm`` suffix, anything else) is never written into: the error says how to build a datalist for
+    one's own scans.
 
     Args:
         dataset_dir: the data folder (the configs' ``dataset_dir``).
@@ -43,10 +62,16 @@ def ensure_dataset(
     datalist = dataset_dir / datalist_name
     if datalist.is_file():
         return str(datalist)
-    if dataset_dir.is_dir() and any(dataset_dir.rglob("*.nii*")):
+    if dataset_dir.exists() and not dataset_dir.is_dir():
+        raise InputError(f"--dataset_dir {dataset_dir} is a file, not a folder.")
+    held = sorted(dataset_dir.iterdir()) if dataset_dir.is_dir() else []
+    if held:
+        # never write into (nor train on phantoms in place of) a folder that holds anything
+        kind = _what_it_holds(dataset_dir)
         raise InputError(
-            f"{dataset_dir} holds scans but no {datalist_name}. Build one with "
-            f"`python -m scripts.data --images {dataset_dir} --labels labels.csv --out {datalist}`."
+            f"{dataset_dir} holds {kind} but no {datalist_name}; synthetic phantoms are only generated into an empty "
+            f"or new folder. For your own scans build a datalist with `python -m scripts.data --images {dataset_dir} "
+            f"--labels labels.csv --out {datalist}`; for phantoms pass an empty --dataset_dir."
         )
     from scripts.synthetic.phantom import generate_dataset
 
