@@ -1264,6 +1264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="build DIR/benchmark, DIR/av133 and DIR/spect_other_site (each once, with seeds derived from --seed)",
     )
     task.add_argument(
+        "--information",
+        action="store_true",
+        help="render the population on the 64^3 input grid and print its information budget: PD vs HC from the whole "
+        "volume vs the voxels each 2D projection sees (scripts/synthetic/information.py)",
+    )
+    task.add_argument(
         "--calibrate",
         action="store_true",
         help="render the population in memory and print its SBR calibration summary as JSON (no files)",
@@ -1285,6 +1291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="subjects added to the test split only (default: the preset's; benchmark 880, a 1,000-scan test split)",
     )
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of --information")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -1316,6 +1323,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: preset {meta['preset']}, seed {meta['seed']}, {meta['n_scans']} scans -> {path}")
         return 0
     try:
+        if args.information:
+            from scripts.synthetic.information import format_budget, information_budget
+
+            unused = [f"--{k.replace('_', '-')}" for k, v in design.items() if v is not None]
+            if unused:
+                parser.error(f"{', '.join(unused)} cannot be used with --information (the preset's design is used).")
+            result = information_budget(
+                args.preset,
+                args.n_subjects,
+                seed=args.seed,
+                workers=args.workers,
+                n_boot=args.bootstrap,
+                **dict(args.overrides),
+            )
+            print(format_budget(result))
+            print(f"({result['seconds']:.0f} s)")
+            return 0
         if args.calibrate:
             summary = calibrate_population(
                 args.preset, args.n_subjects, seed=args.seed, workers=args.workers, **design, **dict(args.overrides)
