@@ -80,6 +80,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import look_up_option
 from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity, default_upsampler
+from scipy.stats import spearmanr
 from scripts.errors import InputError, MissingFileError
 from scripts.networks import SharedChannelEncoder
 from scripts.options import parse_bool
@@ -483,29 +484,18 @@ def roi_share(saliency, mask, domain=None) -> float:
     return float(s[d & m].sum() / total) if total > 0 else float("nan")
 
 
-def _rank(a: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (as ``scipy.stats.rankdata``)."""
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(a.size, dtype=np.float64)
-    ranks[order] = np.arange(a.size, dtype=np.float64)
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
-
-
 def spearman(a, b, mask=None) -> float:
-    """Spearman's rank correlation of two maps over ``mask`` (default: all elements); ``nan`` if one is constant."""
+    """Spearman's rank correlation (``scipy.stats.spearmanr``) of two maps over ``mask`` (default: all elements);
+    ``nan`` if one is constant."""
     x, y = _flat(a), _flat(b)
     if x.shape != y.shape:
         raise ValueError(f"maps must have the same number of elements, got {x.size} and {y.size}.")
     if mask is not None:
         keep = _flat(mask) > 0
         x, y = x[keep], y[keep]
-    if x.size < 2:
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
-    rx, ry = _rank(x), _rank(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+    return float(spearmanr(x, y).statistic)
 
 
 def _top_set(x: np.ndarray, percent: float) -> np.ndarray:

@@ -2,13 +2,15 @@
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
 """Binary PD-vs-HC classification metrics from per-scan scores, for the paths that have no engine.
 
-The study report and the SBR threshold baseline compute their tables from saved per-scan predictions with
-:func:`classification_report`. Engines (training validation, ``configs/evaluate.json``) use MONAI's and
-ignite's metric handlers instead (``Fbeta``, ``Accuracy``, ``ROCAUC``, ``ConfusionMatrix``); the tests check that
-both give the same numbers.
+One family of functions, used by every such path: :func:`classification_report` (the study's cells, the SBR
+baseline), :func:`metric_rows` (one metric of many score rows at once: the study's bootstrap intervals, operating
+points), :func:`roc_auc_rows` and :func:`roc_curve` (the study's figures). Engines (training validation,
+``configs/evaluate.json``) use MONAI's and ignite's metric handlers instead (``Fbeta``, ``Accuracy``, ``ROCAUC``,
+``ConfusionMatrix``); the tests check that both give the same numbers, and that :func:`roc_auc_rows` (the
+Mann-Whitney statistic from ``scipy.stats.rankdata``, vectorised over rows) equals MONAI's ``compute_roc_auc``.
 
 Label convention everywhere: ``0 = HC`` (healthy control), ``1 = PD`` (Parkinson's disease, the positive
-class). Sensitivity is PD recall, specificity is HC recall.
+class). Sensitivity is PD recall, specificity is HC recall. A scan is predicted PD when ``score >= threshold``.
 """
 
 from __future__ import annotations
@@ -17,16 +19,87 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_roc_auc
+from scipy.stats import rankdata
 
-__all__ = ["classification_report", "METRIC_NAMES"]
+__all__ = ["classification_report", "metric_rows", "roc_auc_rows", "roc_curve", "METRIC_NAMES", "ROW_METRICS"]
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
+ROW_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1_macro")
+"""The metrics :func:`metric_rows` computes."""
 
 
-def _f1(tp: int, fp: int, fn: int) -> float:
+def _confusion(labels: np.ndarray, scores: np.ndarray, threshold) -> tuple[np.ndarray, ...]:
+    """``(tp, tn, fp, fn)`` of each row of ``scores`` ``(R, N)``; ``threshold``: a number or one per row ``(R,)``."""
+    t = np.asarray(threshold, dtype=np.float64)
+    pred = scores >= (t[:, None] if t.ndim == 1 else t)
+    pd, hc = labels == 1, labels == 0
+    return (
+        np.sum(pred & pd, axis=1),
+        np.sum(~pred & hc, axis=1),
+        np.sum(pred & hc, axis=1),
+        np.sum(~pred & pd, axis=1),
+    )
+
+
+def _f1(tp, fp, fn):
     denom = 2 * tp + fp + fn
-    return 2.0 * tp / denom if denom > 0 else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+
+
+def roc_auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` ``(R, N)`` against ``labels`` ``(R, N)`` or ``(N,)``.
+
+    The Mann-Whitney U of the PD scores over the HC scores divided by ``n_PD · n_HC`` (ties count one half), from
+    average ranks (``scipy.stats.rankdata``). ``nan`` for a row with one class only.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    labels = np.broadcast_to(np.atleast_2d(labels), scores.shape)
+    ranks = rankdata(scores, axis=1)
+    pd = labels == 1
+    n_pd, n_hc = pd.sum(axis=1), (labels == 0).sum(axis=1)
+    u = (ranks * pd).sum(axis=1) - n_pd * (n_pd + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pd > 0) & (n_hc > 0), u / (n_pd * n_hc), np.nan)
+
+
+def metric_rows(labels: np.ndarray, scores: np.ndarray, metric: str, threshold=0.5) -> np.ndarray:
+    """One metric (:data:`ROW_METRICS`) of each row of ``scores`` ``(R, N)`` against ``labels`` ``(R, N)``/``(N,)``.
+
+    ``threshold``: a number or one per row ``(R,)`` (ignored by ``roc_auc``). Returns ``(R,)``; a rate whose
+    class is absent is ``nan``.
+    """
+    if metric not in ROW_METRICS:
+        raise ValueError(f"metric must be {', '.join(ROW_METRICS[:-1])} or {ROW_METRICS[-1]}; got {metric!r}.")
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    labels = np.broadcast_to(np.atleast_2d(labels), scores.shape)
+    if metric == "roc_auc":
+        return roc_auc_rows(labels, scores)
+    tp, tn, fp, fn = _confusion(labels, scores, threshold)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens, spec = tp / (tp + fn), tn / (tn + fp)
+    if metric == "accuracy":
+        return (tp + tn) / labels.shape[1]
+    if metric == "sensitivity":
+        return sens
+    if metric == "specificity":
+        return spec
+    if metric == "balanced_accuracy":
+        return (sens + spec) / 2
+    return (_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2  # f1_macro
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """``(false positive rate, true positive rate)`` points of the ROC curve of PD ``scores`` (ties as one step)."""
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    y, s = y[order], s[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tp = np.cumsum(y)[distinct]
+    fp = np.cumsum(1 - y)[distinct]
+    n_pd, n_hc = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
+    return np.r_[0.0, fp / n_hc], np.r_[0.0, tp / n_pd]
 
 
 def classification_report(
@@ -55,16 +128,10 @@ def classification_report(
         raise ValueError("cannot compute classification metrics on an empty set of scans.")
     if not np.isin(labels, (0, 1)).all():
         raise ValueError(f"labels must be 0 (HC) or 1 (PD), got values {sorted(set(labels.tolist()))}.")
-    pred = (scores >= threshold).astype(np.int64)
-    tp = int(((pred == 1) & (labels == 1)).sum())
-    tn = int(((pred == 0) & (labels == 0)).sum())
-    fp = int(((pred == 1) & (labels == 0)).sum())
-    fn = int(((pred == 0) & (labels == 1)).sum())
+    tp, tn, fp, fn = (int(c[0]) for c in _confusion(labels[None], scores[None], threshold))
     n_pd, n_hc = tp + fn, tn + fp
-    f1_pd, f1_hc = _f1(tp, fp, fn), _f1(tn, fn, fp)
-    auc = None
-    if n_pd > 0 and n_hc > 0:
-        auc = float(compute_roc_auc(torch.as_tensor(scores), torch.as_tensor(labels)))
+    f1_pd, f1_hc = float(_f1(tp, fp, fn)), float(_f1(tn, fn, fp))
+    auc = float(roc_auc_rows(labels, scores)[0]) if n_pd > 0 and n_hc > 0 else None
     return {
         "accuracy": (tp + tn) / labels.size,
         "sensitivity": tp / n_pd if n_pd else None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scripts.metrics import roc_curve
 from scripts.projections import PROJECTIONS, projection_spec
 
 __all__ = ["draw_figures", "roc_curve"]
@@ -34,19 +35,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """``(false positive rate, true positive rate)`` points of the ROC curve of PD ``scores`` (ties as one step)."""
-    y = np.asarray(labels, dtype=np.int64)
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-s, kind="stable")
-    y, s = y[order], s[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
-    tp = np.cumsum(y)[distinct]
-    fp = np.cumsum(1 - y)[distinct]
-    n_pd, n_hc = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
-    return np.r_[0.0, fp / n_hc], np.r_[0.0, tp / n_pd]
 
 
 def _vals(group, key, metric, op="validation"):

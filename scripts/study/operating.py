@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scripts.metrics import metric_rows
 
 __all__ = ["OPERATING_POINTS", "youden_threshold", "prevalence_threshold"]
 
@@ -70,9 +71,8 @@ def youden_threshold(labels: Sequence[int], scores: Sequence[float]) -> float:
     if n_pd == 0 or n_hc == 0:
         raise ValueError(f"Youden's J needs both classes, got {n_pd} PD and {n_hc} HC scans.")
     cands = _candidates(s)
-    sens = (s[None, y == 1] >= cands[:, None]).sum(axis=1) / n_pd
-    spec = (s[None, y == 0] < cands[:, None]).sum(axis=1) / n_hc
-    j = sens + spec - 1.0
+    rows = np.broadcast_to(s, (cands.size, s.size))
+    j = 2.0 * metric_rows(y, rows, "balanced_accuracy", cands) - 1.0  # sensitivity + specificity - 1
     best = np.flatnonzero(np.isclose(j, j.max()))
     run = best[: 1 + int(np.argmax(np.diff(np.r_[best, best[-1] + 2]) != 1))]
     return float(cands[run[len(run) // 2]])

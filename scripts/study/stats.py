@@ -6,11 +6,11 @@ A comparison pairs two cells seed by seed (see :mod:`scripts.study.matrix` for h
 differences ``d_s = a_s - b_s`` and reports
 
 * their mean ``d̄`` (the effect);
-* a percentile bootstrap 95 % confidence interval of the mean: ``n_boot`` resamples of the ``n`` differences with
-  replacement, drawn with a fixed seed so that a report is reproducible;
-* the exact two-sided sign-flip (paired permutation) test of ``H0: the differences are symmetric about 0``:
-  ``p = #{signs σ : |mean(σ d)| ≥ |d̄|} / 2^n`` over all ``2^n`` sign patterns (a Monte Carlo estimate with a fixed
-  seed beyond ``max_exact`` pairs). No distribution is assumed, and it needs nothing beyond numpy.
+* a percentile bootstrap 95 % confidence interval of the mean (``scipy.stats.bootstrap``): ``n_boot`` resamples
+  of the ``n`` differences with replacement, drawn with a fixed seed so that a report is reproducible;
+* the exact two-sided sign-flip (paired permutation) test of ``H0: the differences are symmetric about 0``
+  (``scipy.stats.permutation_test``): ``p = #{signs σ : |mean(σ d)| ≥ |d̄|} / 2^n`` over all ``2^n`` sign patterns
+  (a Monte Carlo estimate with a fixed seed beyond ``max_exact`` pairs). No distribution is assumed.
 
 With ``n`` pairs the smallest attainable two-sided p-value is ``2 / 2^n`` (:func:`min_p_value`): 0.0625 for 5
 seeds, so five seeds can never reach ``p < 0.05`` whatever the effect, and 0.0625 means "all five seeds agree in
@@ -24,19 +24,21 @@ The seed-level interval sees only training noise; every model is also scored on 
 sampling noise is larger than the seed-to-seed spread when models are close to the ceiling. When the per-scan
 scores are known, :func:`two_level_bootstrap_ci` resamples both: the seed pairs (with replacement) and the test
 scans (with replacement within each class, the same scans for both models, so that the comparison stays
-paired), recomputing the metric from the scores each time. That interval (``scan_ci``) is the one that decides a
-comparison when present.
+paired), recomputing the metric from the scores each time (:func:`scripts.metrics.metric_rows`, vectorised over
+models). scipy's ``bootstrap`` resamples one level only; this one stays hand-written. That interval (``scan_ci``) is
+the one that decides a comparison when present.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import stats
+from scripts.metrics import metric_rows
 
 __all__ = [
     "Summary",
@@ -96,12 +98,12 @@ def bootstrap_ci(
         raise ValueError("bootstrap_ci needs at least one difference.")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}.")
-    if d.size == 1:
+    if d.size == 1 or np.all(d == d[0]):
         return float(d[0]), float(d[0])
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+    result = stats.bootstrap(
+        (d,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile", rng=np.random.default_rng(seed)
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def sign_flip_test(diffs: Sequence[float], max_exact: int = 16, n_perm: int = 100000, seed: int = 0) -> float:
@@ -114,57 +116,23 @@ def sign_flip_test(diffs: Sequence[float], max_exact: int = 16, n_perm: int = 10
     d = np.asarray(diffs, dtype=np.float64).reshape(-1)
     if d.size == 0:
         raise ValueError("sign_flip_test needs at least one difference.")
-    observed = abs(d.mean())
-    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
-    if d.size <= max_exact:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
-        return float(np.mean(np.abs(signs @ d) / d.size >= observed - tol))
-    rng = np.random.default_rng(seed)
-    signs = rng.choice((1.0, -1.0), size=(n_perm, d.size))
-    hits = int(np.sum(np.abs(signs @ d) / d.size >= observed - tol))
-    return (hits + 1) / (n_perm + 1)
-
-
-def _roc_auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row of ``scores`` ``(R, N)`` against ``labels`` ``(R, N)`` (Mann-Whitney, ties count 1/2)."""
-    out = np.empty(scores.shape[0])
-    for r in range(scores.shape[0]):
-        pos, neg = scores[r, labels[r] == 1], scores[r, labels[r] == 0]
-        diff = pos[:, None] - neg[None, :]
-        out[r] = (np.count_nonzero(diff > 0) + 0.5 * np.count_nonzero(diff == 0)) / diff.size
-    return out
-
-
-def metric_from_scores(labels: np.ndarray, scores: np.ndarray, metric: str, threshold: float = 0.5) -> np.ndarray:
-    """A metric of each row of ``scores`` ``(R, N)`` (P(PD), a scan is PD when ``score >= threshold``).
-
-    ``metric``: ``roc_auc``, ``accuracy``, ``sensitivity``, ``specificity``, ``balanced_accuracy`` or ``f1_macro``.
-    Returns ``(R,)``.
-    """
-    labels, scores = np.atleast_2d(labels), np.atleast_2d(scores)
-    if metric == "roc_auc":
-        return _roc_auc_rows(labels, scores)
-    pred = scores >= threshold
-    pd, hc = labels == 1, labels == 0
-    tp, tn = np.sum(pred & pd, axis=1), np.sum(~pred & hc, axis=1)
-    fp, fn = np.sum(pred & hc, axis=1), np.sum(~pred & pd, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sens, spec = tp / (tp + fn), tn / (tn + fp)
-        if metric == "accuracy":
-            return (tp + tn) / labels.shape[1]
-        if metric == "sensitivity":
-            return sens
-        if metric == "specificity":
-            return spec
-        if metric == "balanced_accuracy":
-            return (sens + spec) / 2
-        if metric == "f1_macro":
-            f1_pd = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-            f1_hc = np.where(tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
-            return (f1_pd + f1_hc) / 2
-    raise ValueError(
-        f"metric must be roc_auc, accuracy, sensitivity, specificity, balanced_accuracy or f1_macro; got {metric!r}."
+    if not np.any(d):
+        return 1.0
+    result = stats.permutation_test(
+        (d,),
+        np.mean,
+        permutation_type="samples",  # one sample: the signs of the differences are permuted
+        vectorized=True,
+        n_resamples=np.inf if d.size <= max_exact else n_perm,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
     )
+    return float(result.pvalue)
+
+
+def metric_from_scores(labels: np.ndarray, scores: np.ndarray, metric: str, threshold=0.5) -> np.ndarray:
+    """A metric of each row of ``scores`` ``(R, N)``: :func:`scripts.metrics.metric_rows`."""
+    return metric_rows(labels, scores, metric, threshold)
 
 
 def two_level_bootstrap_ci(
@@ -234,13 +202,7 @@ def two_level_contrast_ci(
     for i in range(n_boot):
         idx = np.concatenate([c[rng.integers(0, c.size, c.size)] for c in classes if c.size])
         chosen = rng.integers(0, n_seeds, n_seeds)
-        ys = np.broadcast_to(y[idx], (scores.shape[0], idx.size))
-        if metric == "roc_auc":
-            values = metric_from_scores(ys, scores[:, idx], metric)
-        else:
-            values = np.array(
-                [metric_from_scores(y[idx], scores[r, idx], metric, thresholds[r])[0] for r in range(scores.shape[0])]
-            )
+        values = metric_rows(y[idx], scores[:, idx], metric, thresholds)
         per_seed = (values.reshape(n_seeds, n_terms) * coefficients).sum(axis=1)
         means[i] = per_seed[chosen].mean()
     alpha = (1.0 - level) / 2.0
