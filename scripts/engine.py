@@ -18,7 +18,19 @@ from monai.utils import PostFix
 from scripts.errors import InputError, MissingFileError
 from torch import nn
 
-__all__ = ["load_teacher", "TeacherOutputCache", "DistillationTrainer", "loss_terms"]
+__all__ = [
+    "load_teacher",
+    "TeacherOutputCache",
+    "LossLog",
+    "LeanTrainer",
+    "DistillationTrainer",
+    "loss_terms",
+    "loss_logged",
+    "LOSS_LOG",
+]
+
+LOSS_LOG = "loss_log"
+"""Engine-output key of the averaged loss terms, present on the iterations where :class:`LossLog` read them."""
 
 TEACHER_TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train_teacher.json"
 
@@ -113,16 +125,115 @@ def _scan_keys(batchdata: dict, key: str) -> list[str] | None:
 
 
 def loss_terms(output) -> dict[str, float]:
-    """``output_transform`` for Stats/TensorBoard/MLflow handlers: the loss of the last iteration as
-    ``train_loss`` and, for a distillation run, each of its terms as ``loss_<term>`` (``loss_ce``, ``loss_fg``...)."""
+    """``output_transform`` for Stats/TensorBoard/MLflow handlers: the training loss as ``train_loss`` and, for a
+    distillation run, each of its terms as ``loss_<term>`` (``loss_ce``, ``loss_fg``...).
+
+    On the iterations where a :class:`LossLog` read its device-side sums (see :func:`loss_logged`), these are the
+    means since its previous reading, with no further host-device synchronisation; otherwise the values of the
+    last iteration (each ``float()`` then waits for the device).
+    """
     first = output[0] if isinstance(output, list) else output
+    if LOSS_LOG in first:
+        return dict(first[LOSS_LOG])
     terms = {"train_loss": float(first[Keys.LOSS])}
     terms.update({k: float(v) for k, v in first.items() if k.startswith("loss_")})
     return terms
 
 
-class DistillationTrainer(SupervisedTrainer):
-    """``SupervisedTrainer`` that adds knowledge distillation from a frozen 3D teacher.
+def loss_logged(engine, event: int | None = None) -> bool:
+    """Event filter (``iteration_log`` of MONAI's Stats/TensorBoard handlers): whether this iteration's output
+    holds the averaged loss terms, i.e. whether the trainer's :class:`LossLog` read them from the device."""
+    output = engine.state.output
+    first = output[0] if isinstance(output, list) and output else output
+    return isinstance(first, dict) and LOSS_LOG in first
+
+
+class LossLog:
+    """The training loss and its terms summed on the device, read by the host every ``interval`` iterations.
+
+    A ``float()`` or ``.item()`` of a CUDA tensor waits until the device has finished every queued kernel, so a
+    trainer that logs its loss each iteration cannot queue the next iteration while the current one runs. This
+    handler, at ``MODEL_COMPLETED``, adds the detached ``loss`` and every ``loss_<term>`` of the engine output to
+    a running sum that stays on the device; every ``interval`` iterations and at the last iteration of each epoch it
+    reads the sums once (one ``tolist()``), and puts their means since the previous reading in the output as
+    ``output["loss_log"] = {"train_loss": ..., "loss_<term>": ...}`` and in ``engine.state.loss_log``.
+    :func:`loss_terms` returns them, and :func:`loss_logged` (an event filter) limits logging handlers to those
+    iterations. With ``interval=1`` the values are those of each iteration.
+
+    Args:
+        interval: iterations between two readings (>= 1); the last iteration of an epoch is always read.
+    """
+
+    def __init__(self, interval: int = 10) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"log interval must be >= 1, got {interval}.")
+        self.interval = int(interval)
+        self._names: list[str] = []
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
+
+    def reset(self, engine=None) -> None:
+        self._sum, self._count, self._names = None, 0, []
+
+    def __call__(self, engine) -> None:
+        output = engine.state.output
+        first = output[0] if isinstance(output, list) else output
+        if not isinstance(first, dict) or Keys.LOSS not in first:
+            return
+        terms = {"train_loss": first[Keys.LOSS]}
+        terms.update({k: v for k, v in first.items() if k.startswith("loss_") and k != LOSS_LOG})
+        names = list(terms)
+        values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in terms.values()])
+        if self._sum is None or names != self._names:
+            self._sum, self._names, self._count = values, names, 1
+        else:
+            self._sum = self._sum + values
+            self._count += 1
+        iteration, epoch_length = engine.state.iteration, engine.state.epoch_length
+        if iteration % self.interval and not (epoch_length and iteration % epoch_length == 0):
+            return
+        means = (self._sum / self._count).tolist()  # the one host-device synchronisation
+        logged = dict(zip(self._names, means))
+        engine.state.loss_log = logged
+        for item in output if isinstance(output, list) else [output]:
+            if isinstance(item, dict):
+                item[LOSS_LOG] = logged
+        self._sum, self._count = None, 0
+
+
+class LeanTrainer(SupervisedTrainer):
+    """MONAI's ``SupervisedTrainer`` without per-iteration host-device synchronisation of its own.
+
+    The iteration is MONAI's; what changes is around it:
+
+    * the loss (and, for distillation, its terms) is accumulated on the device by a :class:`LossLog` and read
+      every ``log_interval`` iterations and at the end of each epoch (use :func:`loss_terms` as the handlers'
+      ``output_transform`` and :func:`loss_logged` as their ``iteration_log``);
+    * the batch is not decollated by default (``decollate=False``): postprocessing then acts on the batch (a
+      softmax over ``dim=1``) and metrics receive batch tensors, instead of one ``.item()`` per scalar per scan;
+    * gradient scaling is enabled only for float16 mixed precision: bfloat16 has float32's range and needs no
+      scaler, whose ``update()`` reads the device every step (the disabled ``GradScaler`` passes through).
+
+    Args:
+        log_interval: iterations between two readings of the loss by the host.
+        kwargs: ``SupervisedTrainer`` arguments.
+    """
+
+    def __init__(self, *args, log_interval: int = 10, decollate: bool = False, **kwargs) -> None:
+        super().__init__(*args, decollate=decollate, **kwargs)
+        self.loss_log = LossLog(log_interval)
+        self.loss_log.attach(self)
+        if self.amp:
+            dtype = (self.amp_kwargs or {}).get("dtype", torch.float16)
+            self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+class DistillationTrainer(LeanTrainer):
+    """:class:`LeanTrainer` (MONAI's ``SupervisedTrainer``) that adds knowledge distillation from a frozen 3D teacher.
 
     The iteration is MONAI's own (``SupervisedTrainer._iteration``: batch preparation, optional ``torch.compile``,
     automatic mixed precision, every iteration event); distillation plugs into it at two points:
@@ -137,7 +248,8 @@ class DistillationTrainer(SupervisedTrainer):
       ``DistributedDataParallel``). Under mixed precision the loss is computed in float32.
 
     The loss returns a dict with ``"loss"`` and its terms; every term is put in the engine output as
-    ``loss_<term>`` at ``LOSS_COMPLETED`` for logging (see :func:`loss_terms`).
+    ``loss_<term>`` at ``LOSS_COMPLETED`` (detached device tensors, summed by the :class:`LossLog`; see
+    :func:`loss_terms`).
 
     Args:
         teacher: the 3D teacher network (``forward_with_embedding`` returning ``(logits, embedding)``).
@@ -148,8 +260,8 @@ class DistillationTrainer(SupervisedTrainer):
         cache_teacher_outputs: reuse teacher outputs per scan after the first epoch (valid only when no random
             transform touches the teacher's input).
         loss_function: the distillation loss (e.g. :class:`scripts.losses.DistillationLoss`).
-        kwargs: the other ``SupervisedTrainer`` arguments (``network`` must have a ``head`` module taking the
-            embedding).
+        kwargs: the other :class:`LeanTrainer` / ``SupervisedTrainer`` arguments (``network`` must have a ``head``
+            module taking the embedding).
     """
 
     def __init__(
@@ -229,7 +341,8 @@ class DistillationTrainer(SupervisedTrainer):
         return self._terms["loss"]
 
     def _record_terms(self, engine: DistillationTrainer) -> None:
-        """``LOSS_COMPLETED``: every loss term in the engine output as ``loss_<term>``, for the handlers."""
+        """``LOSS_COMPLETED``: every loss term in the engine output as ``loss_<term>`` (a detached tensor on the
+        device), for the :class:`LossLog`."""
         for name, value in self._terms.items():
             if name != "loss":
-                engine.state.output[f"loss_{name}"] = float(value)
+                engine.state.output[f"loss_{name}"] = value.detach() if isinstance(value, torch.Tensor) else value

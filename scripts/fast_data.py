@@ -114,16 +114,21 @@ class StackedCache(torch.utils.data.Dataset):
     Args:
         dataset: a ``CacheDataset`` for which :func:`stacking_problem` returns ``None``.
         device: where the stacked tensors live (the training device, or ``"cpu"``).
+        pin_memory: with a host (``"cpu"``) stack and CUDA available, keep the stack and each batch in page-locked
+            memory, so that ``prepare_batch(..., non_blocking=True)`` copies it to the GPU asynchronously.
 
     Raises:
         ValueError: when the dataset cannot be stacked (the reason is given), or its items differ in keys or shapes.
     """
 
-    def __init__(self, dataset: CacheDataset, device: str | torch.device | None = "cpu") -> None:
+    def __init__(
+        self, dataset: CacheDataset, device: str | torch.device | None = "cpu", pin_memory: bool = False
+    ) -> None:
         problem = stacking_problem(dataset)
         if problem is not None:
             raise ValueError(f"cannot stack the cache: {problem}.")
         self.device = torch.device(device if device is not None else "cpu")
+        self.pin_memory = bool(pin_memory) and self.device.type == "cpu" and torch.cuda.is_available()
         items = [dataset[i] for i in range(len(dataset))]
         if not items:
             raise ValueError("cannot stack the cache of an empty dataset.")
@@ -148,7 +153,7 @@ class StackedCache(torch.utils.data.Dataset):
                 if len(metas) == len(values) and all(m.get(FILENAME) for m in metas):
                     self.names[key] = [str(m[FILENAME]) for m in metas]
                 del values
-                self.tensors[key] = self._stack_in_place(items, dataset, key, self.device)
+                self.tensors[key] = self._stack_in_place(items, dataset, key, self.device, self.pin_memory)
             elif all(isinstance(v, (bool, int, float)) for v in values):
                 self.tensors[key] = torch.as_tensor(values).to(self.device)
             else:
@@ -156,11 +161,13 @@ class StackedCache(torch.utils.data.Dataset):
         self._length = len(items)
 
     @staticmethod
-    def _stack_in_place(items: list, dataset: CacheDataset, key: Hashable, device: torch.device) -> torch.Tensor:
+    def _stack_in_place(
+        items: list, dataset: CacheDataset, key: Hashable, device: torch.device, pin_memory: bool = False
+    ) -> torch.Tensor:
         """Copy ``item[key]`` of every cached item into one ``(N, *shape)`` tensor on ``device``, replacing each
         cached value by its view as it goes, so that at most one item is held twice at any time."""
         first = items[0][key]
-        stacked = torch.empty((len(items), *first.shape), dtype=first.dtype, device=device)
+        stacked = torch.empty((len(items), *first.shape), dtype=first.dtype, device=device, pin_memory=pin_memory)
         for i, item in enumerate(items):
             value = item[key]
             stacked[i].copy_(_plain(value))
@@ -185,9 +192,22 @@ class StackedCache(torch.utils.data.Dataset):
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __getitems__(self, indices: Sequence[int]) -> dict[Hashable, Any]:
-        """The batch of ``indices``: stacked tensors indexed on their device, lists and file names indexed."""
-        index = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
-        batch: dict[Hashable, Any] = {k: t.index_select(0, index) for k, t in self.tensors.items()}
+        """The batch of ``indices``: stacked tensors indexed on their device, lists and file names indexed.
+
+        On a CUDA stack the index goes through page-locked memory, so its copy does not make the host wait; on a
+        pinned host stack the batch is gathered into page-locked memory."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        if self.pin_memory:
+            batch: dict[Hashable, Any] = {
+                k: torch.index_select(
+                    t, 0, index, out=torch.empty((len(index), *t.shape[1:]), dtype=t.dtype).pin_memory()
+                )
+                for k, t in self.tensors.items()
+            }
+        else:
+            batch = {k: t.index_select(0, index) for k, t in self.tensors.items()}
         for key, values in self.lists.items():
             batch[key] = [values[i] for i in indices]
         for key, names in self.names.items():
@@ -247,6 +267,8 @@ class CacheBatchLoader(DataLoader):
         device: where the stacked cache lives (the training device; ``None`` or ``"cpu"``: host memory).
         stack: batch from a stacked cache when possible (the fast path).
         num_workers: worker processes of the plain path.
+        pin_memory: page-locked batches for asynchronous copies to the GPU (a host stack: see
+            :class:`StackedCache`; the plain path: the ``DataLoader`` option).
         kwargs: other ``DataLoader`` arguments (``sampler``, ``shuffle``, ``drop_last``...).
 
     Attributes:
@@ -261,6 +283,7 @@ class CacheBatchLoader(DataLoader):
         device: str | torch.device | None = None,
         stack: bool = True,
         num_workers: int = 0,
+        pin_memory: bool = False,
         **kwargs: Any,
     ) -> None:
         from scripts.options import parse_bool
@@ -270,15 +293,15 @@ class CacheBatchLoader(DataLoader):
         if parse_bool(stack, "stacked_cache"):
             problem = stacking_problem(dataset)
             if problem is None:
-                self.stacked = StackedCache(dataset, device)
+                self.stacked = StackedCache(dataset, device, pin_memory=parse_bool(pin_memory, "pin_memory"))
             elif isinstance(dataset, CacheDataset):  # a disk cache or a plain Dataset is a choice, not a surprise
                 logger.warning(f"batches are collated item by item: {problem}.")
         if self.stacked is not None:
             kwargs.pop("collate_fn", None)
-            kwargs.pop("pin_memory", None)
             super().__init__(self.stacked, batch_size=batch_size, num_workers=0, collate_fn=_collated, **kwargs)
         else:
-            super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, **kwargs)
+            pin = bool(pin_memory) and torch.cuda.is_available()
+            super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin, **kwargs)
 
 
 class PlainTensorBatch(PrepareBatch):

@@ -24,7 +24,18 @@ from monai.data import MetaTensor
 from scripts.data import FAILED_KEY, WARNINGS_KEY
 from scripts.errors import InputError
 
-__all__ = ["PublishCheckpoint", "PredictionSaver", "skip_failed_scans", "ProjectionPNGSaver", "atomic_write_json"]
+__all__ = [
+    "PublishCheckpoint",
+    "PredictionSaver",
+    "skip_failed_scans",
+    "ProjectionPNGSaver",
+    "atomic_write_json",
+    "f1_macro",
+    "accuracy",
+    "roc_auc",
+    "sensitivity",
+    "specificity",
+]
 
 
 def atomic_write_json(path: str | os.PathLike, content: object) -> None:
@@ -156,7 +167,14 @@ class PublishCheckpoint:
                 f"than max_epochs?); {self.destination} left unchanged."
             )
             return
-        self.publish(logger)
+        try:
+            self.publish(logger)
+        except OSError as e:  # a full disk, a read-only models/: the published files are untouched
+            raise InputError(
+                f"cannot publish {self.source} to {self.destination}: {e.strerror or e}; {self.destination} is "
+                f"unchanged and this run's best checkpoint is in {self.source}: copy it there when the folder is "
+                "writable and has space."
+            ) from None
 
     def publish(self, logger: logging.Logger | None = None) -> bool:
         """Apply the policy; return whether the destination now holds the source."""
@@ -378,3 +396,77 @@ class ProjectionPNGSaver:
                 tiles.append(torch.rot90(channel, 1, dims=(0, 1)))
             array = (torch.cat(tiles, dim=1).numpy() * 255).round().astype("uint8")
             Image.fromarray(array).save(self.output_dir / f"{_stem(name)}.png")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation metrics computed once per validation, on device tensors
+# --------------------------------------------------------------------------------------------------------------------
+def _scores_and_labels(pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities ``(N, C)`` as float32 and integer labels ``(N,)`` of a whole validation."""
+    pred = pred.float()
+    if pred.ndim == 1:  # ignite's EpochMetric squeezes a single-column prediction
+        pred = pred[:, None]
+    return pred, label.reshape(-1).long()
+
+
+def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(label, num_classes).float()
+
+
+def _item(value: Any) -> float:
+    """A metric's value as MONAI's metric handlers report it (first of a list, a squeezed tensor as a number)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    if isinstance(value, torch.Tensor):
+        value = value.squeeze()
+        return float(value.item()) if value.ndim == 0 else value
+    return float(value)
+
+
+def f1_macro(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Macro F1 (ignite ``Fbeta(beta=1, average=True)``) of every prediction of a validation at once."""
+    from ignite.metrics import Fbeta
+
+    pred, label = _scores_and_labels(pred, label)
+    metric = Fbeta(beta=1.0, average=True, device=pred.device)
+    metric.update((pred, label))
+    return _item(metric.compute())
+
+
+def accuracy(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Accuracy (ignite ``Accuracy``) of the arg-max class over a whole validation."""
+    from ignite.metrics import Accuracy
+
+    pred, label = _scores_and_labels(pred, label)
+    metric = Accuracy(device=pred.device)
+    metric.update((pred, label))
+    return _item(metric.compute())
+
+
+def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """ROC AUC (MONAI ``ROCAUCMetric``, macro over the one-hot classes) of a whole validation."""
+    from monai.metrics import ROCAUCMetric
+
+    pred, label = _scores_and_labels(pred, label)
+    metric = ROCAUCMetric()
+    metric(pred, _onehot(label, pred.shape[1]))
+    return _item(metric.aggregate())
+
+
+def _confusion(pred: torch.Tensor, label: torch.Tensor, name: str) -> float:
+    from monai.metrics import ConfusionMatrixMetric
+
+    pred, label = _scores_and_labels(pred, label)
+    metric = ConfusionMatrixMetric(include_background=False, metric_name=name)
+    metric(_onehot(pred.argmax(dim=1), pred.shape[1]), _onehot(label, pred.shape[1]))
+    return _item(metric.aggregate())
+
+
+def sensitivity(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Sensitivity of the PD class (MONAI ``ConfusionMatrixMetric``, background excluded) of a whole validation."""
+    return _confusion(pred, label, "sensitivity")
+
+
+def specificity(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Specificity of the PD class (MONAI ``ConfusionMatrixMetric``, background excluded) of a whole validation."""
+    return _confusion(pred, label, "specificity")

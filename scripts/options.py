@@ -163,6 +163,7 @@ OPTIONS: dict[str, Option] = {
     "max_epochs": Option("int", minimum=1),
     "patience": Option("int", minimum=1),
     "val_interval": Option("int", minimum=1),
+    "log_interval": Option("int", minimum=1),
     "batch_size": Option("int", minimum=1),
     "num_workers": Option("int", minimum=0),
     "learning_rate": Option("float", above=0.0),

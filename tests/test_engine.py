@@ -52,7 +52,7 @@ def _trainer(teacher_file, kd=True, cache=True, epochs=2, seed=0):
         network=student,
         optimizer=torch.optim.SGD(student.parameters(), lr=0.01),
         loss_function=DistillationLoss(fg_weight=5.0, lg_weight=5.0),
-        postprocessing=Activationsd(keys="pred", softmax=True),
+        postprocessing=Activationsd(keys="pred", softmax=True, dim=1),
     )
 
 
@@ -73,8 +73,8 @@ def test_every_iteration_event_fires_and_terms_are_logged(teacher_file):
     assert all(count == 2 for count in fired.values()), fired
     assert set(terms[0]) == {"train_loss", "loss_ce", "loss_fg", "loss_lg", "loss_decor"}
     assert terms[0]["loss_fg"] > 0 and terms[0]["loss_lg"] > 0
-    # postprocessing ran on the decollated output (probabilities sum to one)
-    assert torch.allclose(trainer.state.output[0]["pred"].sum(), torch.tensor(1.0))
+    # postprocessing ran on the batch output (probabilities sum to one per scan)
+    assert torch.allclose(trainer.state.output["pred"].sum(dim=1), torch.ones(3))
 
 
 def test_teacher_is_frozen_in_eval_mode_and_unchanged(teacher_file):

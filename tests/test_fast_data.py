@@ -157,7 +157,7 @@ def _train(config: str, root, dataset_dir, fast: bool, **override) -> tuple[list
     parser.get_parsed_content("validate#early_stop").set_trainer(trainer)
     assert (trainer.data_loader.stacked is not None) == fast
     losses: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
     trainer.run()
     return losses, dict(parser.get_parsed_content("validate#evaluator").state.metrics), trainer
 

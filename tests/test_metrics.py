@@ -62,12 +62,13 @@ def _config_metrics():
 
 
 def _run_metrics(logits_batches, label_batches):
-    """Run the config's postprocessing + metrics over batches of logits, as the bundle's evaluator does."""
+    """Run the config's postprocessing + metrics over batches of logits, as the bundle's evaluator does (batch
+    postprocessing, no decollation)."""
     post, metrics = _config_metrics()
 
     def step(engine, batch):
         logits, labels = batch
-        return [post({"pred": z, "label": y}) for z, y in zip(logits, labels)]  # decollated, post-processed
+        return post({"pred": logits, "label": labels})
 
     engine = Engine(step)
     for name, metric in metrics.items():
