@@ -32,11 +32,13 @@ it, before any scan is read, with the command that installs it.
 from __future__ import annotations
 
 import copy
+import functools
 import html
 import importlib.util
 import json
 import logging
 import os
+import string
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -394,86 +396,9 @@ def _draw_sbr(ax, sbr: Mapping[str, float] | None, ranges: Mapping[str, tuple[fl
 # Index page
 # ---------------------------------------------------------------------------------------------------------------
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 6px 10px; text-align: left; vertical-align: middle; }}
-th {{ cursor: pointer; background: #f3f3f3; user-select: none; }}
-th.sorted-desc::after {{ content: " \\25BC"; }}
-th.sorted-asc::after {{ content: " \\25B2"; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-tr.error td {{ background: #fdecea; }}
-.warn {{ color: #b03a2e; font-size: 0.9em; }}
-.pd {{ color: #b03a2e; font-weight: bold; }}
-.hc {{ color: #1e7b34; font-weight: bold; }}
-img.thumb {{ width: 420px; border: 1px solid #ccc; }}
-.notes {{ color: #555; }}
-</style>
-</head>
-<body>
-<h1>{title}</h1>
-<p class="notes">{summary}</p>
-{notes}
-<table id="scans">
-<thead><tr>
-<th data-type="text">report</th>
-<th data-type="text">scan</th>
-<th data-type="num" class="sorted-desc">P(PD) student</th>
-<th data-type="num">P(PD) teacher</th>
-<th data-type="text">predicted</th>
-<th data-type="num">lowest putamen SBR</th>
-<th data-type="text">warnings / errors</th>
-</tr></thead>
-<tbody>
-{rows}
-</tbody>
-</table>
-<p class="notes">Research use only. Not for clinical or diagnostic use.</p>
-<script>
-(function () {{
-  var table = document.getElementById("scans");
-  var headers = table.tHead.rows[0].cells;
-  function key(row, i, type) {{
-    var v = row.cells[i].getAttribute("data-value");
-    if (type === "num") {{ return v === null || v === "" ? NaN : parseFloat(v); }}
-    return (v === null ? row.cells[i].textContent : v).toLowerCase();
-  }}
-  function sortBy(i, descending) {{
-    var type = headers[i].getAttribute("data-type");
-    var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {{
-      var x = key(a, i, type), y = key(b, i, type);
-      if (type === "num") {{
-        if (isNaN(x) && isNaN(y)) return 0;
-        if (isNaN(x)) return 1;
-        if (isNaN(y)) return -1;
-        return descending ? y - x : x - y;
-      }}
-      return descending ? (x < y ? 1 : x > y ? -1 : 0) : (x < y ? -1 : x > y ? 1 : 0);
-    }});
-    rows.forEach(function (r) {{ body.appendChild(r); }});
-    for (var j = 0; j < headers.length; j++) {{ headers[j].className = ""; }}
-    headers[i].className = descending ? "sorted-desc" : "sorted-asc";
-  }}
-  for (var i = 0; i < headers.length; i++) {{
-    (function (i) {{
-      headers[i].addEventListener("click", function () {{
-        sortBy(i, headers[i].className !== "sorted-desc");
-      }});
-    }})(i);
-  }}
-  window.sortReport = sortBy;
-}})();
-</script>
-</body>
-</html>
-"""
+TEMPLATES = Path(__file__).parent / "templates"
+"""Folder of the page templates: ``report_index.html`` (the page) and ``report_row.html`` (one scan's row), filled
+with :class:`string.Template` (every value HTML-escaped here)."""
 
 
 def _num_cell(value: float | None, digits: int = 3) -> str:
@@ -482,24 +407,35 @@ def _num_cell(value: float | None, digits: int = 3) -> str:
     return f'<td class="num" data-value="{value:.6f}">{value:.{digits}f}</td>'
 
 
+@functools.cache
+def _template(name: str) -> string.Template:
+    return string.Template((TEMPLATES / name).read_text(encoding="utf-8"))
+
+
 def _row_html(record: ScanRecord) -> str:
     e = html.escape
+    report = "no report"
     if record.png:
-        report = (
-            f'<a href="{e(record.png)}"><img class="thumb" src="{e(record.png)}" alt="report of {e(record.name)}"></a>'
-        )
-    else:
-        report = "no report"
+        png, name = e(record.png), e(record.name)
+        report = f'<a href="{png}"><img class="thumb" src="{png}" alt="report of {name}"></a>'
     label = record.predicted_label or ""
-    predicted = f'<td data-value="{e(label)}" class="{label.lower()}">{e(label) or "—"}</td>'
     problems = ([f"error: {record.error}"] if record.error else []) + list(record.warnings)
-    notes = "<br>".join(f'<span class="warn">{e(p)}</span>' for p in problems)
     lowest = record.sbr.get("lowest_putamen") if record.sbr else None
     return (
-        f'<tr class="{"error" if record.error else "ok"}" data-name="{e(record.name)}">'
-        f"<td>{report}</td><td>{e(record.name)}</td>"
-        f"{_num_cell(record.student_pd)}{_num_cell(record.teacher_pd)}{predicted}{_num_cell(lowest, 2)}"
-        f"<td>{notes}</td></tr>"
+        _template("report_row.html")
+        .substitute(
+            status="error" if record.error else "ok",
+            name=e(record.name),
+            report=report,
+            student_pd=_num_cell(record.student_pd),
+            teacher_pd=_num_cell(record.teacher_pd),
+            label=e(label),
+            label_class=label.lower(),
+            label_text=e(label) or "—",
+            lowest_sbr=_num_cell(lowest, 2),
+            problems="<br>".join(f'<span class="warn">{e(p)}</span>' for p in problems),
+        )
+        .strip()
     )
 
 
@@ -521,7 +457,7 @@ def write_index(
     n, n_err = len(records), sum(1 for r in records if r.error)
     n_pd, n_hc = (sum(1 for r in records if r.predicted_label == label) for label in ("PD", "HC"))
     summary = f"{n} scan{'s' if n != 1 else ''}: {n_pd} predicted PD, {n_hc} predicted HC; {n_err} without a report."
-    page = _PAGE.format(
+    page = _template("report_index.html").substitute(
         title=html.escape(title),
         summary=html.escape(summary),
         notes="\n".join(f'<p class="notes">{html.escape(n)}</p>' for n in notes),
