@@ -29,6 +29,7 @@ Resumable training
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -529,8 +530,47 @@ def check_teacher(parser: Any = None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------------------------------
 def _is_fresh(folder: Path) -> bool:
     """A folder no run has written results into: absent, or holding only MONAI's record of the config
-    (``config_*.json``, experiment tracking) and the record of runs that stopped before writing anything."""
-    return not folder.exists() or all(re.fullmatch(r"config_.*\.json|run\.json", p.name) for p in folder.iterdir())
+    (``config_*.json``, experiment tracking), the record of runs that stopped before writing anything and the
+    claim of a run (:data:`CLAIM_FILE`)."""
+    return not folder.exists() or all(
+        re.fullmatch(r"config_.*\.json|run\.json|\.claim", p.name) for p in folder.iterdir()
+    )
+
+
+CLAIM_FILE = ".claim"
+"""File of a run folder that the run using it holds locked (``flock``) while it runs."""
+_CLAIMED: dict[str, int] = {}
+"""Run folders this process has claimed, with the descriptor holding the lock (released when the process ends)."""
+
+
+def _claim(folder: Path) -> None:
+    """Claim ``folder`` for this process, atomically: an exclusive ``flock`` on ``<folder>/.claim``, held until the
+    process ends (the kernel releases it even after ``kill -9``), so two runs started with the same ``--run_name``
+    at the same moment cannot both use the folder.
+
+    Raises:
+        OptionError: another running process holds the folder.
+    """
+    key = os.path.realpath(folder)
+    if key in _CLAIMED:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no claim
+        return
+    fd = os.open(folder / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OptionError(
+            f"run folder {folder} is in use by another run started with the same --run_name; choose another "
+            "--run_name (or wait for that run to finish)."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _CLAIMED[key] = fd
 
 
 def latest_state(folder: str | os.PathLike) -> Path | None:
@@ -570,16 +610,22 @@ def claim_run_folder(output_dir: str | os.PathLike, resume: Any = False, kind: s
     folder = Path(output_dir)
     resume = parse_bool(resume, "resume")
     state_dir = folder / STATE_DIR
+    if resume and kind != "training":
+        raise OptionError(f"--resume true continues a training run; an {kind} run starts afresh.")
+    if resume and not folder.is_dir():
+        runs = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
+        listed = ", ".join(runs[-5:]) if runs else "none"
+        raise OptionError(
+            f"--resume true: run folder {folder} not found; pass the --run_name of the run to continue "
+            f"(runs in {folder.parent}: {listed})."
+        )
+    try:
+        _claim(folder)
+    except PermissionError as e:
+        raise InputError(
+            f"cannot create the run folder {folder}: {e.strerror}; choose a writable --bundle_root."
+        ) from None
     if resume:
-        if kind != "training":
-            raise OptionError(f"--resume true continues a training run; an {kind} run starts afresh.")
-        if not folder.is_dir():
-            runs = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
-            listed = ", ".join(runs[-5:]) if runs else "none"
-            raise OptionError(
-                f"--resume true: run folder {folder} not found; pass the --run_name of the run to continue "
-                f"(runs in {folder.parent}: {listed})."
-            )
         if latest_state(state_dir) is None:
             raise OptionError(
                 f"--resume true: {folder} holds no completed epoch to continue from ({state_dir} is empty); "
@@ -637,6 +683,27 @@ class _SaveThenRemove(DiskSaver):
 
     def remove(self, filename: str) -> None:
         self._pending.append(filename)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, what: str):
+    """Turn a failed write (disk full, read-only folder, no permission) into one line naming ``path``; the files
+    written before stay as they were (every write goes through a temporary file and a rename)."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise InputError(
+            f"cannot write {what} to {path}: {reason}. Free disk space or make the folder writable; the files "
+            "written before are intact."
+        ) from None
+    except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError ("... file write failed")
+        if "write" not in str(e).lower():
+            raise
+        raise InputError(
+            f"cannot write {what} to {path}: {str(e).splitlines()[0][:160]}. Free disk space or make the folder "
+            "writable; the files written before are intact."
+        ) from None
 
 
 HOLD_ENV = "PD_KD_HOLD_AFTER_EPOCH"
@@ -712,7 +779,8 @@ class TrainingState:
 
     def save(self, engine: Engine) -> None:
         """Write this epoch's state (then, for the tests of interruption only, hold; see :data:`HOLD_ENV`)."""
-        self.checkpoint(engine)
+        with _writing(self.save_dir, "the training state"):
+            self.checkpoint(engine)
         hold = os.environ.get(HOLD_ENV, "")
         if hold.isdigit() and int(hold) == engine.state.epoch:
             _hold_for_a_signal(self.save_dir)
@@ -752,7 +820,8 @@ class _ReplacingDiskSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        with _writing(Path(self.dirname) / (self.filename or filename), "the best checkpoint"):
+            super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
         if self.filename is None:

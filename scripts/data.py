@@ -192,6 +192,30 @@ DATALIST_FIELDS = ("image", "label", "subject")
 """The entry keys a data loader receives: other keys (age, true SBRs, ...) stay in the file."""
 
 
+def read_datalist_file(path: str | os.PathLike) -> Any:
+    """The parsed JSON of a datalist file.
+
+    Raises:
+        DatalistError: the file is missing, unreadable, starts with a byte-order mark or is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(f"datalist file {path} not found.")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DatalistError(f"datalist file {path} could not be read ({e.strerror}).") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DatalistError(
+            f"datalist file {path} starts with a byte-order mark, which JSON readers (MONAI's too) refuse; save it as "
+            "UTF-8 without BOM."
+        )
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatalistError(f"datalist file {path} is not valid JSON: {e}") from None
+
+
 def load_datalist(
     datalist_file: str | os.PathLike,
     split: str = "training",
@@ -215,18 +239,7 @@ def load_datalist(
             image is missing or a label is not 0/HC or 1/PD.
     """
     path = Path(datalist_file)
-    if not path.is_file():
-        raise DatalistError(f"datalist file {path} not found.")
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raise DatalistError(
-            f"datalist file {path} starts with a byte-order mark, which JSON readers (MONAI's too) refuse; save it as "
-            "UTF-8 without BOM."
-        )
-    try:
-        content = json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatalistError(f"datalist file {path} is not valid JSON: {e}") from None
+    content = read_datalist_file(path)
     if not isinstance(content, dict) or not isinstance(content.get(split), list):
         keys = sorted(k for k, v in content.items() if isinstance(v, list)) if isinstance(content, dict) else []
         raise DatalistError(f"datalist file {path} has no list named {split!r}; available: {keys}.")
@@ -462,8 +475,13 @@ def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
         raise DatalistError(f"inference input {p} not found.")
     if p.is_file() and p.suffix == ".json":
         if split == "all":
-            content = json.loads(p.read_text(encoding="utf-8"))
-            splits = [s for s in SPLITS if isinstance(content.get(s), list)]
+            content = read_datalist_file(p)
+            splits = [s for s in SPLITS if isinstance(content, dict) and isinstance(content.get(s), list)]
+            if not splits:
+                keys = sorted(k for k, v in content.items() if isinstance(v, list)) if isinstance(content, dict) else []
+                raise DatalistError(
+                    f"datalist file {p} has no list named 'training', 'validation' or 'test'; available: {keys}."
+                )
             scans = [e for s in splits for e in load_datalist(p, s, require_labels=False, fields=["image"])]
         else:
             scans = load_datalist(p, split, require_labels=False, fields=["image"])
