@@ -116,7 +116,7 @@ def sign_flip_test(diffs: Sequence[float], max_exact: int = 16, n_perm: int = 10
     d = np.asarray(diffs, dtype=np.float64).reshape(-1)
     if d.size == 0:
         raise ValueError("sign_flip_test needs at least one difference.")
-    if not np.any(d):
+    if not np.any(d) or d.size == 1:  # one pair: its two sign patterns give p = 1 (scipy needs two or more)
         return 1.0
     result = stats.permutation_test(
         (d,),
