@@ -46,17 +46,19 @@ def _run(*args: str) -> str:
 def test_presets_have_the_documented_cells():
     counts = {name: count_cells(build_cells(preset(name))) for name in PRESETS}
     assert counts["demo"] == {"baseline": 3, "teacher": 1, "student": 4}
-    # cpu: 3 + 3·3 + 3 teachers (full data, each low-data fraction, occipital); students: 5 projections × 2 × 3 +
-    # 4 extra variants × 3 + 3 fractions × 2 × 3 + auto centre 2 × 3 + occipital 2 × 3
-    assert counts["cpu"] == {"baseline": 3, "teacher": 15, "student": 30 + 12 + 18 + 6 + 6}
+    # cpu: 3 + 3·2 + 3 teachers (full data, each low-data fraction, occipital); students: 5 projections × 2 × 3 +
+    # 4 extra variants × 3 + auto centre 2 × 3 + occipital 2 × 3, then the low-data sweep (2 fractions × 2
+    # projections × 10 seeds × {KD from the matched teacher, KD from the full-data one, no KD}) and the label-noise
+    # arm (2 projections × 10 seeds × {KD, no KD})
+    assert counts["cpu"] == {"baseline": 3, "teacher": 12, "student": 30 + 12 + 6 + 6 + 120 + 40}
     # full: 10 projections, matched and full-data teachers in the low-data sweep
     assert counts["full"] == {"baseline": 3, "teacher": 25, "student": 100 + 20 + 45 + 10 + 10}
 
 
 def test_list_prints_every_cell_of_a_preset():
     out = _run("list", "--matrix", "cpu")
-    assert "90 cells (15 teacher, 72 student, 3 baseline)" in out
-    assert "student-entropy-nokd-f1-template-minmax-s2" in out and "teacher-f0.1-minmax-s2" in out
+    assert "229 cells (12 teacher, 214 student, 3 baseline)" in out
+    assert "student-entropy-nokd-f1-template-minmax-s2" in out and "teacher-f0.0556-minmax-s2" in out
 
 
 def test_one_study_at_a_time_per_run_folder(tmp_path):

@@ -10,7 +10,11 @@ set. The matrix of a study is the union of
   comparison, teachers trained with each intensity normalisation);
 * **main**: every projection × {KD, no-KD} × student seeds ``0 .. n_seeds - 1``, loss variant ``fg+lg``;
 * **ablation** (default projection, KD): every loss variant of :data:`VARIANTS` × seeds;
-* **low data**: every training fraction × {teacher, KD, no-KD} × seeds on the default projection;
+* **low data**: every training fraction × {teacher, KD, no-KD} × seeds on each low-data projection (by default
+  the default projection; ``single_slice`` sees the least and has the most to gain). The validation split shrinks
+  with the training fraction, down to :data:`VALIDATION_FLOOR` subjects (:func:`validation_subset`);
+* **label noise**: students trained on ``noise_fraction`` of the training subjects with a share of their labels
+  flipped (:func:`training_subset`), KD (from the full-data teacher, trained on clean labels) vs no-KD;
 * **centre**: the default projection with ``slice_centre: auto`` instead of the fixed template centre, × {KD,
   no-KD} × seeds;
 * **intensity**: teachers and default-projection students (KD, no-KD) with another intensity normalisation;
@@ -53,6 +57,9 @@ __all__ = [
     "build_cells",
     "slice_based",
     "count_cells",
+    "VALIDATION_FLOOR",
+    "validation_subset",
+    "training_subset",
 ]
 
 DEFAULT_PROJECTION = "joint_fusion_slices"
@@ -90,6 +97,40 @@ _SLICE_BASED = {
 }
 
 
+VALIDATION_FLOOR = 24
+"""Fewest validation subjects of a low-data model. A centre with ``f`` of the training subjects has about ``f`` of
+the validation subjects too; below 24 (about 7 HC at 30 % HC), the best checkpoint and the Youden operating point
+would be chosen on a handful of controls, so the validation split stops shrinking there."""
+
+
+def validation_subset(datalist_file: str, fraction: float = 1.0, floor: int = VALIDATION_FLOOR, seed: int = 0):
+    """The validation entries a model trained on ``fraction`` of the training subjects may use: the same share of
+    the validation subjects (per class, :func:`scripts.data.subsample_by_subject`), but at least ``floor`` subjects
+    (all of them when the split holds fewer)."""
+    from scripts.data import load_datalist, subsample_by_subject
+
+    entries = load_datalist(datalist_file, "validation")
+    n = len({str(e.get("subject", e["image"])) for e in entries})
+    if n == 0 or fraction >= 1.0:
+        return entries
+    share = min(1.0, max(float(fraction), floor / n))
+    return subsample_by_subject(entries, share, seed)
+
+
+def training_subset(datalist_file: str, fraction: float = 1.0, seed: int = 0, flip: float = 0.0):
+    """``fraction`` of the training subjects (:func:`scripts.data.subsample_by_subject`) with the labels of
+    ``round(flip × subjects)`` of them flipped (chosen with ``seed``; every scan of a flipped subject), as an
+    uncertain clinical diagnosis of early PD would."""
+    import random
+
+    from scripts.data import load_datalist, subsample_by_subject
+
+    entries = subsample_by_subject(load_datalist(datalist_file, "training"), fraction, seed)
+    subjects = sorted({str(e.get("subject", e["image"])) for e in entries})
+    flipped = set(random.Random(seed + 7919).sample(subjects, int(round(flip * len(subjects))))) if flip > 0 else set()
+    return [{**e, "label": 1 - int(e["label"])} if str(e.get("subject", e["image"])) in flipped else e for e in entries]
+
+
 def slice_based(projection: str | None) -> bool:
     """Whether a projection takes slices around a centre (so ``slice_centre`` matters)."""
     return projection in _SLICE_BASED
@@ -114,6 +155,7 @@ class Cell:
         centre: ``slice_centre`` of a student (``"template"`` or ``"auto"``).
         intensity: intensity normalisation (``"minmax"`` or ``"occipital"``).
         baseline: ``"sbr"``, ``"always_pd"`` or ``"centres"`` for a baseline cell.
+        label_noise: share of the training subjects whose label is flipped (students only).
     """
 
     kind: str
@@ -126,6 +168,7 @@ class Cell:
     centre: str = "template"
     intensity: str = "minmax"
     baseline: str | None = None
+    label_noise: float = 0.0
 
     def __post_init__(self) -> None:
         look_up_option(self.kind, KINDS)
@@ -141,6 +184,8 @@ class Cell:
             look_up_option(self.baseline, BASELINES)
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"training fraction must be in (0, 1], got {self.fraction}.")
+        if not 0.0 <= self.label_noise < 0.5 or (self.label_noise > 0 and self.kind != "student"):
+            raise ValueError(f"label noise is a share in [0, 0.5) of a student's labels, got {self.label_noise}.")
 
     @property
     def name(self) -> str:
@@ -154,7 +199,8 @@ class Cell:
             if self.kd
             else (f"nokd-f{_fraction(self.fraction)}")
         )
-        return f"student-{self.projection}-{kd}-{self.centre}-{self.intensity}-s{self.seed}"
+        noise = f"-noise{_fraction(self.label_noise)}" if self.label_noise > 0 else ""
+        return f"student-{self.projection}-{kd}-{self.centre}-{self.intensity}{noise}-s{self.seed}"
 
     @property
     def group(self) -> str:
@@ -172,6 +218,22 @@ class Cell:
         if self.kind == "baseline":
             return {}
         out = {"seed": self.seed, "train_fraction": self.fraction, "intensity": self.intensity}
+        if self.fraction < 1.0:
+            out["validate#datalist"] = {
+                "_target_": "scripts.study.matrix.validation_subset",
+                "datalist_file": "@datalist_file",
+                "fraction": self.fraction,
+                "floor": VALIDATION_FLOOR,
+                "seed": "@data_seed",
+            }
+        if self.label_noise > 0:
+            out["train#datalist"] = {
+                "_target_": "scripts.study.matrix.training_subset",
+                "datalist_file": "@datalist_file",
+                "fraction": "@train_fraction",
+                "seed": "@data_seed",
+                "flip": self.label_noise,
+            }
         if self.kind == "student":
             out.update(projection=self.projection, slice_centre=self.centre, kd_enabled=self.kd)
             if self.kd:
@@ -196,6 +258,11 @@ class MatrixSpec:
         teachers: number of teacher seeds.
         variants: loss variants of the ablation (the main part always uses ``fg+lg``).
         fractions: training fractions below 1 of the low-data sweep.
+        low_data_projections: projections of the low-data sweep and the label-noise arm (default: the default
+            projection).
+        low_data_seeds: student seeds of the low-data sweep and the label-noise arm (``None``: ``seeds``).
+        label_noise: shares of flipped training labels of the label-noise arm (KD from the full-data teacher).
+        noise_fraction: training fraction of the label-noise arm.
         teacher_fraction: teacher of a low-data KD student: ``"matched"`` (trained on the same fraction, so the
             KD student sees no label the no-KD student does not), ``"full"`` (the full-data teacher) or ``"both"``.
         centres: extra ``slice_centre`` values compared on the default projection (the main part uses
@@ -213,6 +280,10 @@ class MatrixSpec:
     teachers: int = 5
     variants: tuple[str, ...] = ()
     fractions: tuple[float, ...] = ()
+    low_data_projections: tuple[str, ...] = (DEFAULT_PROJECTION,)
+    low_data_seeds: int | None = None
+    label_noise: tuple[float, ...] = ()
+    noise_fraction: float = 1.0
     teacher_fraction: str = "matched"
     centres: tuple[str, ...] = ()
     intensities: tuple[str, ...] = ()
@@ -222,8 +293,13 @@ class MatrixSpec:
     settings: dict = field(default_factory=dict)
 
     def check(self) -> MatrixSpec:
-        for p in self.projections:
+        for p in (*self.projections, *self.low_data_projections):
             look_up_option(p, PROJECTIONS)
+        if any(not 0.0 < n < 0.5 for n in self.label_noise) or not 0.0 < self.noise_fraction <= 1.0:
+            raise ValueError(
+                f"label noise shares must be in (0, 0.5) and noise_fraction in (0, 1], got {list(self.label_noise)} "
+                f"and {self.noise_fraction}."
+            )
         for v in self.variants:
             look_up_option(v, VARIANTS)
         look_up_option(self.teacher_fraction, TEACHER_FRACTIONS)
@@ -237,6 +313,10 @@ class MatrixSpec:
             raise ValueError(f"low-data fractions must be in (0, 1), got {list(self.fractions)}.")
         return self
 
+
+LOW_DATA_FRACTIONS: tuple[float, ...] = (0.0556, 0.1111, 0.25)
+"""Training fractions of the low-data sweep: about 20, 40 and 90 of the benchmark's 360 training scans (per class,
+14 + 6, 28 + 12 and 63 + 27 subjects)."""
 
 PRESETS: dict[str, dict] = {
     "demo": {
@@ -252,10 +332,24 @@ PRESETS: dict[str, dict] = {
         "seeds": 3,
         "teachers": 3,
         "variants": ("fg", "lg", "fg+lg", "fg+lg+decor", "hinton"),
-        "fractions": (0.1, 0.25, 0.5),
-        "teacher_fraction": "matched",
+        "fractions": LOW_DATA_FRACTIONS[:2],
+        "low_data_projections": ("single_slice", DEFAULT_PROJECTION),
+        "low_data_seeds": 10,
+        "label_noise": (0.05,),
+        "noise_fraction": LOW_DATA_FRACTIONS[1],
+        "teacher_fraction": "both",
         "centres": ("auto",),
         "intensities": ("occipital",),
+        "teacher_epochs": 8,
+        "student_epochs": 15,
+    },
+    "lowdata": {
+        "projections": (),
+        "seeds": 10,
+        "teachers": 1,
+        "fractions": LOW_DATA_FRACTIONS[:2],
+        "low_data_projections": ("single_slice",),
+        "teacher_fraction": "full",
         "teacher_epochs": 8,
         "student_epochs": 15,
     },
@@ -274,16 +368,29 @@ PRESETS: dict[str, dict] = {
     },
 }
 """Named matrices: ``demo`` (``make demo``: teacher + KD / no-KD student of the default projection, ~10 min on 2
-CPU cores), ``cpu`` (``make study``: the matrix of ``docs/results.md``, sized for a 2-core CPU), ``full`` (every
-projection and variant, both low-data teachers, long schedules: GPU)."""
+CPU cores), ``cpu`` (``make study``: every part on a 2-core CPU; the low-data sweep at ~20 and ~40 training scans
+on ``single_slice`` and ``joint_fusion_slices`` with 10 seeds and both teachers, and a 5 % label-noise arm at ~40
+scans; 12 teachers and 214 students, about 5 h with ``--jobs 2``, not measured yet), ``lowdata`` (the low-data arm alone: ``single_slice`` at ~20 and ~40 training scans, KD from the full-data
+teacher vs no KD, 10 seeds), ``full`` (every projection and variant, both low-data teachers, long schedules: GPU)."""
 
 
 def preset(name: str, **changes) -> MatrixSpec:
     """The :class:`MatrixSpec` of preset ``name`` with ``changes`` (``None`` values are ignored) applied."""
     base = dict(look_up_option(name, PRESETS))
     base.update({k: v for k, v in changes.items() if v is not None})
-    for key in ("projections", "variants", "fractions", "centres", "intensities"):
-        base[key] = tuple(base.get(key, ()))
+    if changes.get("seeds") is not None:
+        base["low_data_seeds"] = None  # --seeds sets every part's seeds
+    for key in (
+        "projections",
+        "variants",
+        "fractions",
+        "centres",
+        "intensities",
+        "low_data_projections",
+        "label_noise",
+    ):
+        if key in base:
+            base[key] = tuple(base[key])
     base["settings"] = dict(base.get("settings", {}))
     return MatrixSpec(**base).check()
 
@@ -318,13 +425,21 @@ def build_cells(spec: MatrixSpec) -> list[Cell]:
     for s in seeds:
         cells += [student(p0, s, True, variant=v) for v in spec.variants]
     teacher_fractions = {"matched": ("matched",), "full": ("full",), "both": ("matched", "full")}[spec.teacher_fraction]
-    for f in spec.fractions:
-        if "matched" in teacher_fractions:
-            cells += [Cell("teacher", seed=t, fraction=f) for t in teachers]
-        for s in seeds:
-            for which in teacher_fractions:
-                cells.append(student(p0, s, True, fraction=f, tf=f if which == "matched" else 1.0))
-            cells.append(student(p0, s, False, fraction=f))
+    low_seeds = range(spec.seeds if spec.low_data_seeds is None else spec.low_data_seeds)
+    if "matched" in teacher_fractions:
+        cells += [Cell("teacher", seed=t, fraction=f) for f in spec.fractions for t in teachers]
+    for s in low_seeds:  # seed by seed, so that an interrupted sweep holds every fraction with fewer seeds
+        for f in spec.fractions:
+            for p in spec.low_data_projections:
+                for which in teacher_fractions:
+                    cells.append(student(p, s, True, fraction=f, tf=f if which == "matched" else 1.0))
+                cells.append(student(p, s, False, fraction=f))
+    for share in spec.label_noise:
+        for s in low_seeds:
+            for p in spec.low_data_projections:
+                f = spec.noise_fraction
+                kd = Cell("student", s, p, True, DEFAULT_VARIANT, f, 1.0, label_noise=share)
+                cells += [kd, Cell("student", s, p, False, NO_KD, f, None, label_noise=share)]
     for c in spec.centres if slice_based(p0) else ():
         for s in seeds:
             cells += [student(p0, s, True, centre=c), student(p0, s, False, centre=c)]

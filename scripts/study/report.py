@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, VARIANTS, Cell
+from scripts.study.power import VarianceComponents, minimum_detectable, power_note, variance_components
 from scripts.study.results import ResultsFile, StudyFile
 from scripts.study.stats import (
     MIN_PAIRS,
@@ -98,8 +99,8 @@ class StudyResults:
 
     def select(self, kind: str, **axes) -> dict[int, dict]:
         """``{seed: record}`` of the finished cells of ``kind`` whose axes equal ``axes`` (missing axes take the
-        main part's values: fraction 1, template centre, minmax intensity, teacher on the full data)."""
-        want = {"fraction": 1.0, "intensity": "minmax"}
+        main part's values: fraction 1, template centre, minmax intensity, teacher on the full data, clean labels)."""
+        want = {"fraction": 1.0, "intensity": "minmax", "label_noise": 0.0}
         if kind == "student":
             want.update(centre="template")
             if axes.get("kd", True):
@@ -140,6 +141,27 @@ def _scores(record: dict, key: str, op: str) -> tuple[np.ndarray, np.ndarray, fl
     return labels, np.asarray(pred["scores"], dtype=np.float64)[order], float(threshold)
 
 
+@dataclass(frozen=True)
+class PoweredComparison(PairedComparison):
+    """A :class:`~scripts.study.stats.PairedComparison` with the variance components of its contrast
+    (:mod:`scripts.study.power`); its text carries the minimum detectable difference beside the interval."""
+
+    power: VarianceComponents | None = None
+
+    @property
+    def mde(self) -> float | None:
+        """The minimum difference this comparison detects with 80 % power (two-sided, α = 0.05)."""
+        return None if self.power is None else minimum_detectable(self.power)
+
+
+def _with_power(c: PairedComparison | None) -> str:
+    """A claim's measurement: the comparison and, when known, its power (MDE, seeds and scans 0.01 needs)."""
+    if c is None:
+        return "–"
+    power = getattr(c, "power", None)
+    return c.format() if power is None else f"{c.format()}; {power_note(power)}"
+
+
 def _with_contrast_ci(
     c: PairedComparison,
     records: Sequence[Sequence[dict | None]],
@@ -159,7 +181,11 @@ def _with_contrast_ci(
         if any(not np.array_equal(x[0], labels) for x in scored):
             return c
         terms.append([(x[1], x[2], w) for x, w in zip(scored, coefficients)])
-    return replace(c, scan_ci=two_level_contrast_ci(labels, terms, metric)) if terms else c
+    if not terms:
+        return c
+    vc = variance_components(labels, terms, metric, n_boot=300)
+    base = {f.name: getattr(c, f.name) for f in fields(PairedComparison)}
+    return PoweredComparison(**{**base, "scan_ci": two_level_contrast_ci(labels, terms, metric)}, power=vc)
 
 
 def _fmt(s: Summary | None) -> str:
@@ -170,7 +196,8 @@ def _fmt_cmp(c: PairedComparison | None) -> str:
     if c is None:
         return "–"
     verdict = f"**{c.verdict}**" if c.decided else c.verdict
-    return f"{c.format()} ({verdict})"
+    mde = getattr(c, "mde", None)
+    return f"{c.format()} ({verdict}" + (f"; MDE {mde:.3f})" if mde is not None else ")")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -367,7 +394,7 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         verdict, detail = "not measured", "no joint-fusion KD student or no teacher"
     else:
         verdict = _decide(c, lambda c: c.interval[0] > -CLOSE_MARGIN, lambda c: c.interval[1] < -CLOSE_MARGIN)
-        detail = f"student − teacher ROC AUC {c.format()}; close = interval above −{CLOSE_MARGIN}"
+        detail = f"student − teacher ROC AUC {_with_power(c)}; close = interval above −{CLOSE_MARGIN}"
     rows.append(["(2) joint fusion + KD comes close to the teacher", detail, verdict])
     verdicts[2] = verdict
 
@@ -381,8 +408,8 @@ def _claims(b: _Builder) -> tuple[str, dict]:
             verdict, detail = "not measured", "no paired values"
         else:
             verdict = _decide(c)
-            detail = f"on {av[0]}: KD student − teacher ROC AUC {c.format()}" + (
-                f"; PD sensitivity at the in-domain threshold {s.format()}" if s is not None else ""
+            detail = f"on {av[0]}: KD student − teacher ROC AUC {_with_power(c)}" + (
+                f"; PD sensitivity at the in-domain threshold {_with_power(s)}" if s is not None else ""
             )
     else:
         verdict, detail = "not measured", "no AV133 set, teacher or KD student"
@@ -396,7 +423,7 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         verdict, detail = "not measured", "no fg-only / lg-only ablation"
     else:
         verdict = _decide(c)
-        detail = f"L_fg-only − L_lg-only ROC AUC {c.format()}"
+        detail = f"L_fg-only − L_lg-only ROC AUC {_with_power(c)}"
     rows.append(["(4) L_fg matters more than L_lg", detail, verdict])
     verdicts[4] = verdict
 
@@ -417,7 +444,9 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         else:
             verdict = _decide(c)
             teacher = "teacher trained on the same fraction" if tf == f else "full-data teacher"
-            detail = f"KD gain in ROC AUC at {f:g} of the training subjects ({teacher}) minus gain at 1: {c.format()}"
+            detail = (
+                f"KD gain in ROC AUC at {f:g} of the training subjects ({teacher}) minus gain at 1: {_with_power(c)}"
+            )
     else:
         verdict, detail = "not measured", "no low-data sweep"
     rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
@@ -467,27 +496,32 @@ def _ablation(b: _Builder, key: str) -> str:
 
 
 def _low_data(b: _Builder, key: str) -> str:
+    """Every low-data / label-noise group: per projection, training fraction and label noise, the teachers, the KD
+    students (per teacher) and the no-KD students, with the paired KD − no-KD difference and its power."""
     res = b.res
-    fractions = sorted({c.fraction for c in res.cells.values() if c.kind == "student"}, reverse=True)
+    students = [c for c in res.cells.values() if c.kind == "student" and (c.fraction < 1 or c.label_noise > 0)]
+    arms = sorted({(c.projection, c.fraction, c.label_noise) for c in students}, key=lambda a: (a[0] != b.p0, a))
     rows = []
-    for f in fractions:
+    for projection, f, noise in arms:
+        where = f"{_short(projection)}, {f:g}" + (f", {noise:.0%} labels flipped" if noise else "")
         teacher = res.select("teacher", fraction=f)
-        if teacher:
-            rows.append([f"{f:g}", "3D teacher", len(teacher), _fmt(summary_of(teacher, key, "roc_auc")),
+        if teacher and not noise:
+            rows.append([where, "3D teacher (same fraction)", len(teacher), _fmt(summary_of(teacher, key, "roc_auc")),
                          _fmt(summary_of(teacher, key, "f1_macro")), "–"])  # fmt: skip
-        nokd = b.nokd(fraction=f)
-        for tf in sorted(
-            {c.teacher_fraction for c in res.cells.values() if c.kind == "student" and c.kd and c.fraction == f}
-        ):
-            kd = b.kd(fraction=f, teacher_fraction=tf)
+        axes = {"fraction": f, "label_noise": noise}
+        nokd = b.nokd(projection, **axes)
+        for tf in sorted({c.teacher_fraction for c in students if c.kd and (c.projection, c.fraction, c.label_noise)
+                          == (projection, f, noise)}):  # fmt: skip
+            kd = b.kd(projection, teacher_fraction=tf, **axes)
             if kd:
                 label = f"2D with KD (teacher on {tf:g})"
-                rows.append([f"{f:g}", label, len(kd), _fmt(summary_of(kd, key, "roc_auc")),
+                rows.append([where, label, len(kd), _fmt(summary_of(kd, key, "roc_auc")),
                              _fmt(summary_of(kd, key, "f1_macro")), _fmt_cmp(b.compare(kd, nokd, key))])  # fmt: skip
         if nokd:
-            rows.append([f"{f:g}", "2D without KD", len(nokd), _fmt(summary_of(nokd, key, "roc_auc")),
+            rows.append([where, "2D without KD", len(nokd), _fmt(summary_of(nokd, key, "roc_auc")),
                          _fmt(summary_of(nokd, key, "f1_macro")), "–"])  # fmt: skip
-    return _table(["training fraction", "model", "seeds", "ROC AUC", "macro F1", "Δ ROC AUC KD − no KD"], rows)
+    header = ["projection, training fraction", "model", "seeds", "ROC AUC", "macro F1", "Δ ROC AUC KD − no KD"]
+    return _table(header, rows)
 
 
 def _external(b: _Builder) -> tuple[str, str]:
@@ -680,14 +714,19 @@ def write_report(
             + _ablation(b, key)
             + fig("ablation.png", "ablation")
         )
-    if any(c.fraction < 1 for c in res.cells.values()):
+    if any(c.fraction < 1 or c.label_noise > 0 for c in res.cells.values()):
+        from scripts.study.matrix import VALIDATION_FLOOR
+
         parts.append(
-            f"## Low-data sweep ({_short(b.p0)})\n\n"
+            "## Low-data sweep and label noise\n\n"
             "Each fraction keeps that share of the training subjects (the same subset for every model of the "
-            "fraction). The teacher column says which teacher a KD student learned from: a teacher trained on the same "
-            "fraction gives the KD student no label the no-KD student lacks.\n\n"
-            + _low_data(b, key)
-            + fig("low_data.png", "low-data curves")
+            "fraction) and the same share of the validation subjects, but never fewer than "
+            f"{VALIDATION_FLOOR} validation subjects (model selection needs a few controls). The teacher column says "
+            "which teacher a KD student learned from: a teacher trained on the same fraction gives the KD student no "
+            "label the no-KD student lacks; the full-data teacher (1) is a large centre teaching a small one. "
+            "Label-noise rows flip that share of the students' training labels (the teacher keeps clean labels). "
+            "MDE: the smallest KD − no-KD difference this many seeds and test scans detect with 80 % power "
+            "(`scripts/study/power.py`).\n\n" + _low_data(b, key) + fig("low_data.png", "low-data curves")
         )
     if res.externals:
         parts.append(
