@@ -48,9 +48,11 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from scripts.attention import attention_metrics, projection_planes
 from scripts.errors import InputError, find_input_error
-from scripts.explain import GradCAMSaliency, SaliencyResult, attention_metrics, load_weights, projection_planes
+from scripts.explain import load_weights
 from scripts.report_figure import REPORT_SBR_FEATURES, render_scan_report
+from scripts.saliency import GradCAMSaliency, SaliencyResult
 from torch import nn
 
 __all__ = [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scripts.explain import roi_groups, roi_planes
+from scripts.attention import roi_groups, roi_planes
 
 __all__ = ["REPORT_SBR_FEATURES", "render_scan_report"]
 
