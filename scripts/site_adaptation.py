@@ -18,10 +18,13 @@ Score methods (they read the site's ``P(PD)`` scores only):
     threshold, corrected by the in-domain validation confusion matrix (``π̂ = (r - FPR) / (TPR - FPR)``); the
     threshold is then set from ``π̂`` as for ``em``.
 ``mixture``
-    A two-component Gaussian mixture fitted to the site's logits ``log(p / (1 - p))``. The threshold is where the
-    two components' posteriors cross with equal class weights (the likelihood-ratio-one point, the
-    Youden-optimal threshold of two Gaussians, matching the in-domain Youden operating point); ``π̂`` is the
-    weight of the upper component. Refused when the logits do not form two separated groups.
+    A two-component Gaussian mixture with a shared variance fitted to the site's logits ``log(p / (1 - p))``. The
+    threshold is where the two components' posteriors cross with equal class weights (the likelihood-ratio-one
+    point, the Youden-optimal threshold of two Gaussians, matching the in-domain Youden operating point; with a
+    shared variance, the midpoint of the two means); ``π̂`` is the weight of the upper component. Refused when the
+    logits do not form two separated groups. The shared variance was chosen on development sites (other subjects
+    than the study's external sets): PD logits have a long tail towards HC (mild and unilateral PD), which a
+    narrow free-variance PD component leaves to the HC component, moving the crossing into the PD group.
 
 Feature method (it re-runs the network):
 
@@ -305,6 +308,9 @@ def fit_mixture(
     min_separation: float = 2.0,
     min_weight: float = 0.05,
     max_iter: int = 500,
+    variance: str = "tied",
+    rule: str = "crossing",
+    reference_z: float = 1.645,
 ) -> dict[str, Any]:
     """Two-component Gaussian mixture on the logits of a site's ``P(PD)`` scores ``(N,)``.
 
@@ -312,6 +318,17 @@ def fit_mixture(
     components' densities cross between their means (equal class weights: the likelihood-ratio-one point, which
     for two Gaussians is the Youden-optimal threshold); ``bayes_threshold`` is the crossing with the fitted
     weights (the minimum-error threshold at the estimated share), recorded for information.
+
+    Args:
+        scores: the site's ``P(PD)`` per scan.
+        min_scans: fewer scans are refused.
+        min_separation: smallest Ashman's ``D`` accepted.
+        min_weight: smallest component weight accepted.
+        max_iter: EM iterations at most.
+        variance: ``"tied"`` (one variance for both components, the default) or ``"free"``.
+        rule: ``"crossing"`` (above) or ``"reference"``: the HC component's mean plus ``reference_z`` of its
+            standard deviations (a normal-range rule; compared on the development sites, not the default).
+        reference_z: see ``rule``.
 
     Returns:
         ``{"pd_share", "threshold", "logit_threshold", "bayes_threshold", "means", "sds", "weights",
@@ -342,7 +359,8 @@ def fit_mixture(
         nk = resp.sum(axis=0) + 1e-12
         weights = nk / z.size
         means = (resp * z[:, None]).sum(axis=0) / nk
-        sds = np.maximum(np.sqrt((resp * (z[:, None] - means) ** 2).sum(axis=0) / nk), floor)
+        sq = (resp * (z[:, None] - means) ** 2).sum(axis=0)
+        sds = np.maximum(np.sqrt(sq / nk if variance == "free" else np.full(2, sq.sum() / z.size)), floor)
         new = float(np.log(total).sum())
         if abs(new - loglik) < 1e-9 * max(1.0, abs(new)):
             loglik = new
@@ -372,6 +390,8 @@ def fit_mixture(
             f"mixture: the site's scores do not form two separated groups ({why}); the threshold cannot be fitted."
         )
     t = _crossing(means[0], sds[0], means[1], sds[1])
+    if rule == "reference":
+        t = float(min(means[0] + reference_z * sds[0], means[1]))
     t_bayes = _crossing(means[0], sds[0], means[1], sds[1], weights[0], weights[1])
     return {
         "pd_share": float(weights[1]),
