@@ -1,12 +1,13 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""The bundle as a library: no global side effects for the program that imports it or runs its configs in-process and
-optional matplotlib."""
+"""The bundle as a library: no global side effects for the program that imports it or runs its configs in-process,
+optional matplotlib, and docs/architecture.md naming modules and files that exist."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 
 import pytest
@@ -79,3 +80,23 @@ def test_reports_without_matplotlib_stop_with_the_install_command_and_the_study_
     assert not (tmp_path / "report").exists()
     assert draw_figures(None, None, tmp_path / "figures") == []
     assert "no figures: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_architecture_page_names_only_modules_and_configs_that_exist():
+    text = (BUNDLE_ROOT / "docs" / "architecture.md").read_text()
+    modules = set(re.findall(r"`(scripts(?:\.\w+)+)`", text))
+    files = set(re.findall(r"`((?:scripts|configs|docs|tests|monailabel_app|ci)/[\w./-]+)`", text))
+    assert len(modules) >= 10 and len(files) >= 10, (sorted(modules), sorted(files))
+    for name in sorted(modules):
+        parts = name.split(".")
+        path = BUNDLE_ROOT.joinpath(*parts)
+        found = path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+        if not found:  # scripts.<module>.<attribute>
+            module = importlib.import_module(".".join(parts[:-1]))
+            found = hasattr(module, parts[-1])
+        assert found, f"docs/architecture.md names {name}, which does not exist"
+    missing = [f for f in sorted(files) if not (BUNDLE_ROOT / f.rstrip("/")).exists()]
+    assert not missing, f"docs/architecture.md names missing files: {missing}"
+    # the tool packages are described (a runtime module added later shows up in the table when it is described)
+    for name in ("scripts.synthetic", "scripts.study", "scripts.benchmark", "scripts.tools"):
+        assert name in modules or f"{name.replace('.', '/')}/" in files, f"{name} is not described"
