@@ -429,7 +429,29 @@ def _claims(b: _Builder) -> tuple[str, dict]:
 
     # (5) KD helps most when labelled data are scarce
     fractions = sorted({c.fraction for c in res.cells.values() if c.kind == "student" and c.fraction < 1})
-    if fractions and b.kd() and b.nokd():
+    low_projections = sorted(
+        {c.projection for c in res.cells.values() if c.kind == "student" and c.fraction < 1},
+        key=lambda p: (p != b.p0, p),
+    )
+    if fractions and not (b.kd() and b.nokd()):
+        # No full-data pair (a low-data-only matrix): KD − no-KD at the smallest fraction, per low-data projection.
+        f, details, found = fractions[0], [], []
+        for p in low_projections:
+            tf = f if b.kd(p, fraction=f, teacher_fraction=f) else 1.0
+            c = b.compare(b.kd(p, fraction=f, teacher_fraction=tf), b.nokd(p, fraction=f), key)
+            if c is not None:
+                teacher = "teacher on the same fraction" if tf == f else "full-data teacher"
+                details.append(f"{_short(p)} at {f:g} of the training subjects ({teacher}): KD − no-KD ROC AUC "
+                               f"{_with_power(c)}")  # fmt: skip
+                found.append(_decide(c))
+        verdict = (
+            "supported"
+            if found and all(v == "supported" for v in found)
+            else ("contradicted" if "contradicted" in found else ("not shown" if found else "not measured"))
+        )
+        rows.append(["(5) KD helps when labelled data are scarce", "; ".join(details) or "no pair", verdict])
+        verdicts[5] = verdict
+    elif fractions and b.kd() and b.nokd():
         f = fractions[0]
         tf = f if b.kd(fraction=f, teacher_fraction=f) else 1.0
         groups = (b.kd(fraction=f, teacher_fraction=tf), b.nokd(fraction=f), b.kd(), b.nokd())
@@ -449,8 +471,9 @@ def _claims(b: _Builder) -> tuple[str, dict]:
             )
     else:
         verdict, detail = "not measured", "no low-data sweep"
-    rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
-    verdicts[5] = verdict
+    if 5 not in verdicts:
+        rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
+        verdicts[5] = verdict
     header = ["claim", "measured (paired; 95 % CI over seeds × test scans; sign-flip p over seeds)", "verdict"]
     return _table(header, rows), verdicts
 
