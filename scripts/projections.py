@@ -76,25 +76,51 @@ Registry (:data:`PROJECTIONS`, :func:`projection_spec`, :class:`Projection`, :cl
     ``fusion`` tells the network how to read the channels: ``"early"``: one CNN over all channels; ``"joint"``:
     a shared 1-channel encoder per channel with the embeddings concatenated; ``"mean"``: a shared 1-channel
     encoder per channel with the outputs averaged (one prediction per scan, not per slice).
+
+The names, specifications and argument checks live in :mod:`scripts.projection_common`, the centre slices in
+:mod:`scripts.slice_centre`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Hashable, Mapping, Sequence
-from copy import deepcopy
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, Transform
-from monai.utils import MetaKeys, TransformBackends
+from monai.utils import TransformBackends
 from scripts.errors import InputError
+from scripts.projection_common import (
+    CENTRE_METHODS,
+    CENTRE_MODES,
+    DYNAMIC_IMAGE_VARIANTS,
+    FUSIONS,
+    PROJECTIONS,
+    VIEW_AXIS,
+    VIEWS,
+    CentreLike,
+    ProjectionSpec,
+    _check_bins,
+    _check_centre,
+    _check_centre_method,
+    _check_int,
+    _check_num_slices,
+    _check_same_planes,
+    _check_smoothing,
+    _check_variant,
+    _check_view,
+    _check_views,
+    _out_dtype,
+    _slices_first,
+    _volume,
+    _volume_any,
+    _wrap_output,
+    plane_affine,
+    projection_spec,
+)
+from scripts.slice_centre import _resolve_centres, find_slice_centre, template_centre, template_grid_affine
 
 __all__ = [
     "VIEWS",
@@ -121,459 +147,6 @@ __all__ = [
     "Projection",
     "Projectiond",
 ]
-
-VIEWS = ("axial", "coronal", "sagittal")
-"""View names, in the channel order of the multi-view projections."""
-
-VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
-"""Spatial axis (0 = x, 1 = y, 2 = z) that each view slices along."""
-
-_AXIS_NAMES = ("x", "y", "z")
-
-FUSIONS = ("early", "joint", "mean")
-"""How a network reads the channels of a projection (see :class:`ProjectionSpec`)."""
-
-PROJECTIONS = (
-    "single_slice",
-    "early_fusion_slices",
-    "early_fusion_views",
-    "early_fusion_views_slices",
-    "joint_fusion_slices",
-    "joint_fusion_views",
-    "dynamic_image",
-    "dynamic_image_views",
-    "entropy",
-    "entropy_views",
-)
-"""Names accepted by :func:`projection_spec`, :class:`Projection` and :class:`Projectiond`."""
-
-DYNAMIC_IMAGE_VARIANTS = ("canonical", "reference")
-"""Rank-pooling coefficient variants (see :func:`rank_pooling_coefficients`)."""
-
-CENTRE_METHODS = ("centroid", "peak")
-"""Ways :func:`find_slice_centre` locates the striatal uptake."""
-
-CENTRE_MODES = ("template", "auto")
-"""Named centres (besides a fixed slice index): the template striatum's centre, or one found from the data."""
-
-logger = logging.getLogger(__name__)
-
-CentreLike = int | str | Sequence[int | str] | Mapping[str, int | str]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProjectionSpec:
-    """What a projection produces and how a network should read it.
-
-    Attributes:
-        name: projection name, one of :data:`PROJECTIONS`.
-        in_channels: number of channels ``C'`` of the projected ``(C', H, W)`` image.
-        fusion: ``"early"``: one CNN over all channels; ``"joint"``: a shared 1-channel encoder per channel,
-            embeddings concatenated; ``"mean"``: a shared 1-channel encoder per channel, outputs averaged.
-    """
-
-    name: str
-    in_channels: int
-    fusion: str
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _check_num_slices(num_slices) -> int:
-    if isinstance(num_slices, bool) or not isinstance(num_slices, (int, np.integer)) or num_slices < 1:
-        raise ValueError(f"num_slices must be an odd integer >= 1, got {num_slices!r}.")
-    if num_slices % 2 == 0:
-        raise ValueError(
-            f"num_slices must be odd so that the slices are centred on the centre slice, got {num_slices}."
-        )
-    return int(num_slices)
-
-
-def _check_projection_name(name) -> str:
-    if name not in PROJECTIONS:
-        raise ValueError(f"unknown projection {name!r}; valid projections are: {', '.join(PROJECTIONS)}.")
-    return name
-
-
-def projection_spec(name: str, num_slices: int = 3, gap: int = 0) -> ProjectionSpec:
-    """Channels and fusion mode of projection ``name``.
-
-    Args:
-        name: one of :data:`PROJECTIONS`.
-        num_slices: ``k``, the odd number of adjacent slices of the ``*_slices`` projections.
-        gap: ``g``, the half-width of ``single_slice``: ``g = 0`` gives the centre slice (1 channel, ``"early"``),
-            ``g > 0`` gives the ``2g + 1`` slices ``c − g .. c + g`` as channels, read with ``"mean"`` fusion.
-
-    ``num_slices`` only affects the ``*_slices`` projections and ``gap`` only ``single_slice``; both are validated
-    for every name.
-
-    Raises:
-        ValueError: unknown name, even or non-positive ``num_slices``, negative ``gap``.
-    """
-    name = _check_projection_name(name)
-    k = _check_num_slices(num_slices)
-    g = _check_int(gap, "gap", 0)
-    table = {
-        "single_slice": (2 * g + 1, "mean" if g > 0 else "early"),
-        "early_fusion_slices": (k, "early"),
-        "early_fusion_views": (3, "early"),
-        "early_fusion_views_slices": (3 * k, "early"),
-        "joint_fusion_slices": (k, "joint"),
-        "joint_fusion_views": (3, "joint"),
-        "dynamic_image": (1, "early"),
-        "dynamic_image_views": (3, "early"),
-        "entropy": (1, "early"),
-        "entropy_views": (3, "early"),
-    }
-    channels, fusion = table[name]
-    return ProjectionSpec(name=name, in_channels=channels, fusion=fusion)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Argument checks and tensor helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_view(view) -> str:
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; valid views are: {', '.join(VIEWS)}.")
-    return view
-
-
-def _check_views(view: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(view, str):
-        return (_check_view(view),)
-    views = tuple(view)
-    if not views:
-        raise ValueError("at least one view is required, got an empty sequence.")
-    for v in views:
-        _check_view(v)
-    if len(set(views)) != len(views):
-        raise ValueError(f"views must not repeat, got {views}.")
-    return views
-
-
-def _check_centre_value(value, where: str) -> int | str:
-    if isinstance(value, str) and value in CENTRE_MODES:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{where} must be a slice index (int), 'template' or 'auto', got {value!r}.")
-    if value < 0:
-        raise ValueError(f"{where} must be a non-negative slice index, got {value}.")
-    return int(value)
-
-
-def _check_centre(centre: CentreLike) -> int | str | dict[str, int | str]:
-    """Normalise ``centre`` to a name of :data:`CENTRE_MODES`, an int, or a ``{view: int | name}`` dict covering
-    every view."""
-    if isinstance(centre, Mapping):
-        unknown = [k for k in centre if k not in VIEWS]
-        missing = [v for v in VIEWS if v not in centre]
-        if unknown or missing:
-            raise ValueError(
-                f"a centre mapping must have exactly the keys {VIEWS}, got {tuple(centre)}"
-                f" (unknown: {unknown}, missing: {missing})."
-            )
-        return {v: _check_centre_value(centre[v], f"centre[{v!r}]") for v in VIEWS}
-    if isinstance(centre, Sequence) and not isinstance(centre, str):
-        if len(centre) != len(VIEWS):
-            raise ValueError(
-                f"a centre sequence must give one centre per view in the order {VIEWS}, got {len(centre)} values:"
-                f" {list(centre)}."
-            )
-        return {v: _check_centre_value(c, f"centre[{i}] ({v})") for i, (v, c) in enumerate(zip(VIEWS, centre))}
-    return _check_centre_value(centre, "centre")
-
-
-def _check_bins(bins) -> int:
-    return _check_int(bins, "bins", 2)
-
-
-def _check_variant(variant) -> str:
-    if variant not in DYNAMIC_IMAGE_VARIANTS:
-        raise ValueError(
-            f"unknown dynamic image variant {variant!r}; valid variants are: {', '.join(DYNAMIC_IMAGE_VARIANTS)}."
-        )
-    return variant
-
-
-def _check_centre_method(method) -> str:
-    if method not in CENTRE_METHODS:
-        raise ValueError(f"unknown centre method {method!r}; valid methods are: {', '.join(CENTRE_METHODS)}.")
-    return method
-
-
-def _check_smoothing(sigma, quantile) -> tuple[float, float]:
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
-        raise ValueError(f"centre_sigma must be a number >= 0 (in slices), got {sigma!r}.")
-    if not isinstance(quantile, (int, float)) or isinstance(quantile, bool) or not 0.5 <= quantile < 1:
-        raise ValueError(f"centre_quantile must be in [0.5, 1), got {quantile!r}.")
-    return float(sigma), float(quantile)
-
-
-def _as_tensor(img: NdarrayOrTensor) -> torch.Tensor:
-    """Plain tensor view of ``img`` (no copy, no meta)."""
-    if isinstance(img, MetaTensor):
-        return img.as_tensor()
-    if isinstance(img, torch.Tensor):
-        return img
-    if isinstance(img, np.ndarray):
-        return torch.as_tensor(np.ascontiguousarray(img))
-    raise TypeError(f"expected a numpy array, a torch tensor or a MetaTensor, got {type(img).__name__}.")
-
-
-def _volume(img: NdarrayOrTensor) -> torch.Tensor:
-    """The ``(X, Y, Z)`` volume of a ``(1, X, Y, Z)`` channel-first input."""
-    x = _as_tensor(img)
-    if x.ndim != 4 or x.shape[0] != 1:
-        raise ValueError(
-            f"expected a channel-first single-channel 3D volume of shape (1, X, Y, Z), got shape {tuple(x.shape)}."
-        )
-    return x[0]
-
-
-def _volume_any(volume: NdarrayOrTensor) -> torch.Tensor:
-    """Accept ``(1, X, Y, Z)`` or ``(X, Y, Z)``."""
-    x = _as_tensor(volume)
-    if x.ndim == 3:
-        return x
-    return _volume(x)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.is_floating_point() else torch.float32
-
-
-def _slices_first(vol: torch.Tensor, view: str) -> torch.Tensor:
-    """``(T, H, W)`` stack of the slices of ``vol`` ``(X, Y, Z)`` along ``view``; the in-plane axes keep their order."""
-    return vol.movedim(VIEW_AXIS[view], 0)
-
-
-def _check_same_planes(vol: torch.Tensor, views: tuple[str, ...]) -> None:
-    if len(views) < 2:
-        return
-    planes = {v: tuple(_slices_first(vol, v).shape[1:]) for v in views}
-    if len(set(planes.values())) > 1:
-        desc = ", ".join(f"{v} {p}" for v, p in planes.items())
-        raise ValueError(
-            f"multi-view projections stack the views as channels, so every view needs the same in-plane shape"
-            f" (a cubic grid X = Y = Z); the volume has (X, Y, Z) = {tuple(vol.shape)}, giving in-plane shapes"
-            f" {desc}. Resample the volume first, e.g. with monai.transforms.Resized(spatial_size=(64, 64, 64))."
-        )
-
-
-def plane_affine(affine: torch.Tensor | np.ndarray, view: str) -> torch.Tensor:
-    """3×3 affine of the 2D image of ``view``, from the 4×4 affine of the 3D volume.
-
-    It keeps the columns of the two in-plane voxel axes (H, W) and the translation, and the rows of the two world
-    axes the slicing axis is least aligned with (the world axis with the largest ``|A[r, view_axis]|`` is dropped).
-    For the usual axis-aligned affine this is exactly the in-plane block of the 3D affine: pixel spacing,
-    direction and origin of the plane. Any other input shape gives the 3×3 identity.
-    """
-    a = torch.as_tensor(affine, dtype=torch.float64)
-    if a.shape != (4, 4):
-        return torch.eye(3, dtype=torch.float64)
-    axis = VIEW_AXIS[_check_view(view)]
-    cols = [i for i in range(3) if i != axis] + [3]
-    drop_row = int(torch.argmax(a[:3, axis].abs()))
-    rows = [i for i in range(3) if i != drop_row] + [3]
-    return a[rows][:, cols].clone()
-
-
-def _wrap_output(
-    out: torch.Tensor,
-    img: NdarrayOrTensor,
-    view: str,
-    name: str,
-    planes: Sequence[tuple[int, int]],
-    centres: dict[str, int] | None = None,
-) -> NdarrayOrTensor:
-    """Return ``out`` in the type family of ``img``; for a ``MetaTensor`` carry over and fix the meta data.
-
-    ``planes`` gives, per output channel, ``(axis, slice index)`` or ``(axis, -1)`` for a whole-stack channel;
-    ``centres`` the centre slice used per view (slice-based projections).
-    """
-    if isinstance(img, MetaTensor):
-        if not get_track_meta():
-            return out
-        meta = {k: deepcopy(v) for k, v in img.meta.items() if k not in (MetaKeys.SPATIAL_SHAPE, MetaKeys.AFFINE)}
-        meta["projection"] = name
-        meta["projection_planes"] = torch.as_tensor(planes, dtype=torch.int64).reshape(-1, 2)
-        if centres is not None:
-            meta["slice_centre"] = dict(centres)
-        return MetaTensor(out, affine=plane_affine(img.affine, view), meta=meta, spatial_ndim=2)
-    if isinstance(img, np.ndarray):
-        return out.cpu().numpy()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Centre slice
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _gaussian_smooth_1d(signal: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return signal
-    radius = max(1, math.ceil(3.0 * sigma))
-    j = torch.arange(-radius, radius + 1, dtype=signal.dtype, device=signal.device)
-    kernel = torch.exp(-0.5 * (j / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    return torch.nn.functional.conv1d(signal[None, None], kernel[None, None], padding=radius)[0, 0]
-
-
-def _uptake_excess(vol: torch.Tensor, quantile: float) -> torch.Tensor:
-    """``(v − median) · [v ≥ quantile-quantile]`` of an ``(X, Y, Z)`` volume, in float64."""
-    v = vol.to(torch.float64)
-    flat = v.reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        raise ValueError(f"cannot find a slice centre in an empty volume of shape {tuple(vol.shape)}.")
-    k = min(n, max(1, math.ceil(quantile * n)))  # the threshold is the k-th smallest value
-    threshold = torch.topk(flat, n - k + 1).values[-1]
-    median = torch.kthvalue(flat, (n + 1) // 2).values
-    return torch.where(v >= threshold, v - median, torch.zeros_like(v))
-
-
-def _centre_from_excess(excess: torch.Tensor, view: str, method: str, sigma: float) -> int:
-    score = _slices_first(excess, view).sum(dim=(1, 2))
-    size = score.shape[0]
-    if not bool(score.sum() > 0):
-        return (size - 1) // 2
-    if method == "centroid":
-        t = torch.arange(size, dtype=score.dtype, device=score.device)
-        return int(math.floor(float((t * score).sum() / score.sum()) + 0.5))
-    return int(torch.argmax(_gaussian_smooth_1d(score, sigma)))
-
-
-def find_slice_centre(
-    volume: NdarrayOrTensor, view: str, method: str = "centroid", sigma: float = 2.0, quantile: float = 0.99
-) -> int:
-    """Centre slice of the striatal uptake along ``view``, found from the data.
-
-    With ``v`` the volume, ``m`` its median and ``q`` its ``quantile``-quantile (so that the hottest
-    ``1 − quantile`` share of the voxels counts as uptake: the striatum in a DaTscan), the uptake score of slice
-    ``t`` is the background-subtracted mass of its hottest voxels
-
-        s_t = Σ_{voxels p of slice t, v_p ≥ q} (v_p − m).
-
-    * ``method="centroid"`` (default): the uptake-weighted mean slice ``round(Σ_t t·s_t / Σ_t s_t)`` (halves
-      round up). It follows the whole striatum, so in the sagittal view, where the two hemispheres give two
-      peaks, it lands between them (on the midline of a symmetric scan) instead of on one side.
-    * ``method="peak"``: the slice of maximum smoothed uptake, ``argmax_t (G_σ * s)_t`` with ``G_σ`` a
-      normalised 1D Gaussian of ``sigma`` slices (truncated at ``⌈3σ⌉``, zero padding at the stack ends;
-      lowest index on ties). In the sagittal view it picks the hotter hemisphere.
-
-    Both only assume that the striatum holds the hottest voxels of the scan, not that the scan is aligned to a
-    template. A volume with no voxel above its median (e.g. a constant volume) gives the middle slice
-    ``(T − 1) // 2``.
-
-    Args:
-        volume: ``(1, X, Y, Z)`` channel-first or ``(X, Y, Z)`` volume (numpy, torch or MetaTensor).
-        view: ``"axial"`` (along z), ``"coronal"`` (along y) or ``"sagittal"`` (along x).
-        method: ``"centroid"`` or ``"peak"``.
-        sigma: Gaussian standard deviation in slices for ``"peak"`` (0: no smoothing); unused by ``"centroid"``.
-        quantile: in ``[0.5, 1)``; voxels at or above this quantile of the volume count as uptake.
-
-    Returns:
-        the slice index ``t`` in ``0 .. T − 1``, ``T`` being the volume size along the view's axis.
-    """
-    view = _check_view(view)
-    method = _check_centre_method(method)
-    sigma, quantile = _check_smoothing(sigma, quantile)
-    return _centre_from_excess(_uptake_excess(_volume_any(volume), quantile), view, method, sigma)
-
-
-def template_grid_affine(shape: Sequence[int]) -> np.ndarray:
-    """Voxel → MNI affine of the MNI152 2 mm field of view in RAS voxel order, resampled to ``shape`` with aligned
-    corners: the grid of the bundle's preprocessing (``Orientationd`` RAS, ``Resized``) of a PPMI-style scan."""
-    from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE, resized_affine
-
-    flip = np.eye(4)
-    if MNI_2MM_AFFINE[0, 0] < 0:  # FSL stores x right-to-left; RAS voxel order runs left-to-right
-        flip[0, 0], flip[0, 3] = -1.0, MNI_2MM_SHAPE[0] - 1
-    return resized_affine(MNI_2MM_AFFINE @ flip, MNI_2MM_SHAPE, tuple(int(s) for s in shape))
-
-
-def template_centre(shape: Sequence[int], view: str, affine: torch.Tensor | np.ndarray | None = None) -> int:
-    """Centre slice of the template striatum along ``view`` on the grid ``(shape, affine)``.
-
-    The template striatum (caudate and putamen of both sides, :func:`scripts.anatomy.template_rois`) is evaluated
-    on the grid; with ``d0`` and ``d1`` the first and last slice along the view's axis that hold any of it, the
-    centre is ``⌊(d0 + d1) / 2⌋``, the atlas-based centre of the original study. It depends only on the grid, so
-    every scan on the same grid gets the same slice (e.g. axial 27, coronal 37, sagittal 31 on the bundle's 64³
-    grid of an MNI 2 mm scan).
-
-    Args:
-        shape: spatial shape ``(X, Y, Z)``.
-        view: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
-        affine: ``(4, 4)`` voxel → MNI (mm) affine of the grid, e.g. a ``MetaTensor``'s; ``None`` assumes the MNI
-            2 mm field of view resampled to ``shape`` (:func:`template_grid_affine`).
-
-    Raises:
-        InputError: when the template striatum falls outside the grid (the scan is not in MNI space).
-    """
-    from scripts.anatomy import template_rois
-
-    view = _check_view(view)
-    shape = tuple(int(s) for s in shape)
-    aff = template_grid_affine(shape) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), np.float64)
-    mask = template_rois(shape, aff)["striatum"]
-    axis = VIEW_AXIS[view]
-    present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-    if present.size == 0:
-        raise InputError(
-            f"the template striatum falls outside this image of shape {shape} (affine {aff[:3].round(2).tolist()}); "
-            "is the scan in MNI space? Use slice_centre 'auto' for scans that are not."
-        )
-    return int((present[0] + present[-1]) // 2)
-
-
-def _resolve_centres(
-    vol: torch.Tensor,
-    views: tuple[str, ...],
-    centre: int | str | dict,
-    half: int,
-    method: str,
-    sigma: float,
-    quantile: float,
-    affine: torch.Tensor | np.ndarray | None = None,
-) -> dict[str, int]:
-    """Centre slice per view, each with ``half`` neighbours on both sides (a named centre is clamped)."""
-    wanted = {v: centre[v] if isinstance(centre, dict) else centre for v in views}
-    excess = _uptake_excess(vol, quantile) if "auto" in wanted.values() else None
-    centres = {}
-    for view, c in wanted.items():
-        axis = VIEW_AXIS[view]
-        size = vol.shape[axis]
-        if size < 2 * half + 1:
-            raise ValueError(
-                f"{2 * half + 1} adjacent slices are needed along {_AXIS_NAMES[axis]} for the {view} view, but the"
-                f" volume of shape (X, Y, Z) = {tuple(vol.shape)} has only {size}."
-            )
-        if c == "auto":
-            c = min(max(_centre_from_excess(excess, view, method, sigma), half), size - 1 - half)
-        elif c == "template":
-            c = min(max(template_centre(vol.shape, view, affine), half), size - 1 - half)
-        elif not half <= c <= size - 1 - half:
-            raise ValueError(
-                f"centre {c} for the {view} view is outside the volume or too close to its border: it needs slices"
-                f" {c - half}..{c + half}, but the volume has {size} slices along {_AXIS_NAMES[axis]} (indices"
-                f" 0..{size - 1}), so the centre must be in {half}..{size - 1 - half}."
-            )
-        centres[view] = c
-    if "auto" in wanted.values():
-        logger.debug("automatic slice centres %s", centres)
-    return centres
 
 
 # ---------------------------------------------------------------------------------------------------------------
