@@ -1,0 +1,75 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""One command fills the README's and the model card's results tables from the results file; they equal the
+report's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scripts.metrics import classification_report
+from scripts.study import report
+from scripts.study.matrix import Cell
+
+
+def _record(cell: Cell, quality: float, rng: np.random.Generator, labels: np.ndarray) -> dict:
+    scores = np.clip(labels * quality + rng.normal(0.5 - quality / 2, 0.25, labels.size), 0, 1)
+    files = [f"sub-{i:04d}.nii.gz" for i in range(labels.size)]
+    key = "benchmark/test"
+    metrics = {key: {"validation": classification_report(labels.tolist(), scores.tolist(), 0.5)}}
+    return {
+        "cell": cell.name,
+        "axes": cell.as_dict(),
+        "metrics": metrics,
+        "thresholds": {"default": 0.5, "validation": 0.5},
+        "predictions": {key: {"files": files, "labels": labels.tolist(), "scores": scores.tolist()}},
+        "seconds": {"wall": 1.0, "train": 0.5},
+        "cpu_seconds": 1.0,
+        "hardware": {"cpu": "test", "cpu_count": 2, "torch_threads": 1},
+    }
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(60, int), np.ones(140, int)]
+    cells = [(Cell("teacher"), 0.6)]
+    for s in range(4):
+        cells += [(Cell("student", s, "single_slice", True, "fg+lg", 0.0556, 1.0), 0.45)]
+        cells += [(Cell("student", s, "single_slice", False, fraction=0.0556), 0.4)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(_record(c, q, rng, labels)) + "\n" for c, q in cells))
+    settings = {"datasets": {"benchmark": str(tmp_path / "datalist.json")}, "n_teachers": 1, "shared": {}}
+    settings.update(teacher={"max_epochs": 1, "patience": 1}, student={"max_epochs": 1, "patience": 1})
+    study = {"settings": settings, "invocations": [{"command": "python -m scripts.study run --matrix lowdata"}]}
+    (run / "study.json").write_text(json.dumps(study))
+    return run
+
+
+def test_generated_tables_equal_the_report(run_dir, tmp_path):
+    block = f"intro\n{report.TABLE_START}\nstale table\n{report.TABLE_END}\noutro\n"
+    readme, card = tmp_path / "README.md", tmp_path / "card.md"
+    readme.write_text("# Bundle\n" + block)
+    card.write_text("# Model card\n" + block)
+    assert report.main([str(run_dir), "--tables", str(readme), str(card)]) == 0
+    tables = report.summary_tables(report.StudyResults.load(run_dir))
+    for path in (readme, card):
+        text = path.read_text()
+        assert "stale table" not in text and text.endswith(f"{report.TABLE_END}\noutro\n")
+        inner = text.split(report.TABLE_START + "\n", 1)[1].split("\n" + report.TABLE_END, 1)[0]
+        assert inner == tables
+    assert "| 2D single slice, with KD (teacher on 100 %) | 5.6 % | 4 |" in tables
+    assert "single slice, 5.6 %, teacher on 100 %" in tables and "MDE" in tables
+    # The report carries the very same tables.
+    out = tmp_path / "results.md"
+    report.write_report(run_dir, out, tmp_path / "figures", figures=False)
+    assert tables in out.read_text()
+    # A file without the block is refused before anything is written.
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no .* block"):
+        report.write_tables(report.StudyResults.load(run_dir), [readme, bare])
+    assert bare.read_text() == "no markers\n"
