@@ -16,7 +16,7 @@ Presets:
 
 * ``default``: the calibrated parameters of ``docs/calibration.md`` (80 % PD, 7 % mild PD, FWHM 10-14 mm). The
   lowest-putamen SBR threshold reaches ~0.96 accuracy, and the CNNs saturate on its small test split.
-* ``benchmark``: a harder, non-saturating SPECT set with physiology along z: 10 % mild PD (posterior loss
+* ``benchmark``: a harder, non-saturating SPECT set with physiology along z: 6 % mild PD (posterior loss
   15-50 %), 20 % early unilateral PD (strong loss on the most affected side, a quarter to a half of it on the other
   side), 10 % early PD confined to the dorsal striatum, a dorsal > ventral gradient of every PD loss, a multi-site
   acquisition mix (FWHM 9-18 mm, 12-60 counts per voxel) and the between-subject height (z SD 4 mm) and pitch
@@ -94,7 +94,7 @@ class Preset:
 #: posterior loss of 20-50 % and no unilateral subtype.
 BENCHMARK_POPULATION: Mapping[str, object] = _frozen(
     {
-        "mild_fraction": 0.1,
+        "mild_fraction": 0.06,
         "mild_loss_range": (0.15, 0.5),
         "unilateral_fraction": 0.2,
         "unilateral_ipsilateral_range": (0.25, 0.55),
@@ -141,7 +141,7 @@ PRESETS: Mapping[str, Preset] = _frozen(
             ),
             Preset(
                 name="benchmark",
-                description="non-saturating SPECT benchmark: 13 % mild + 20 % unilateral PD, FWHM 9-18 mm, 70 % PD",
+                description="SPECT benchmark: z physiology, 6 % mild + 10 % dorsal + 20 % unilateral PD, FWHM 9-18 mm",
                 overrides=BENCHMARK_POPULATION,
                 modality_overrides={"spect": BENCHMARK_SPECT_SITES},
                 pd_fraction=0.7,
