@@ -66,7 +66,7 @@ def test_pipeline_and_raw_runs_cover_one_epoch_of_the_training_split(report, sec
         run = part[kind]
         assert run["scans_per_epoch"] == N_SCANS and run["iterations_per_epoch"] == iterations
         assert run["batch_size"] == BATCH
-        for key in ("scans_per_s", "epoch_s", "full_batch_iteration_s_median", "peak_rss_mb"):
+        for key in ("scans_per_s", "epoch_s", "iteration_s_mean", "peak_rss_mb"):
             assert _positive(run[key]), (kind, key, run[key])
         # throughput is the scans of the (single, quick) timed epoch over its duration
         assert run["scans_per_s"] == pytest.approx(N_SCANS / run["epoch_s"], rel=1e-9)
@@ -74,12 +74,13 @@ def test_pipeline_and_raw_runs_cover_one_epoch_of_the_training_split(report, sec
     assert part["pipeline_over_raw"] == pytest.approx(part["pipeline"]["scans_per_s"] / part["raw"]["scans_per_s"])
 
 
-def test_validation_is_removed_and_the_teacher_cache_is_used_only_when_enabled(report):
+def test_validation_runs_as_configured_and_the_teacher_cache_is_used_only_when_enabled(report):
     distill = report["distillation"]
     for section in ("teacher_training", "distillation"):
         runs = [report[section]] if section == "teacher_training" else [distill["no_cache"], distill["cache"]]
         for run in runs:
-            assert "ValidationHandler" not in run["pipeline"]["train_handlers"]
+            assert "ValidationHandler" in run["pipeline"]["train_handlers"]
+            assert run["pipeline"]["validation"] is True and run["pipeline"]["val_interval"] == 1
             assert "LrScheduleHandler" in run["pipeline"]["train_handlers"]
     assert distill["no_cache"]["pipeline"]["teacher_cache"] is None
     # warm-up epoch fills the cache (one miss per scan), the timed epoch reads it (one hit per scan)
@@ -99,6 +100,31 @@ def test_data_path_ceiling_of_each_variant_and_its_ratio_to_the_raw_network(repo
             assert _positive(variant["scans_per_s"]) and variant["batch_size"] == BATCH
             assert variant["over_raw"] == pytest.approx(variant["scans_per_s"] / raw_rate)
     assert report["settings"]["datapath_epochs"] == 2
+
+
+def test_trainer_overhead_of_both_trainers_against_a_bare_loop(report):
+    rows = report["trainer_overhead"]
+    assert set(rows) == {"trainer_teacher", "trainer_distill"}
+    assert rows["trainer_teacher"]["trainer"] == "LeanTrainer"
+    assert rows["trainer_distill"]["trainer"] == "DistillationTrainer" and rows["trainer_distill"]["teacher_cache"]
+    for row in rows.values():
+        assert row["iterations_per_epoch"] == math.ceil(N_SCANS / BATCH) and row["batch_size"] == BATCH
+        assert _positive(row["trainer_ms_per_iteration"]) and _positive(row["bare_ms_per_iteration"])
+        want = row["trainer_ms_per_iteration"] - row["bare_ms_per_iteration"]
+        assert row["overhead_ms_per_iteration"] == pytest.approx(want)
+        assert row["validation"] is True and row["log_interval"] >= 1
+    targets = [t["target"] for t in report["targets"]]
+    assert sum("trainer overhead <= 0.7 ms/iteration" in t for t in targets) == 2
+    assert "Trainer overhead" in report["markdown"]
+
+
+def test_only_runs_the_named_groups(five_scans, tmp_path):
+    args = parser().parse_args(["--only", "trainer", "inference"])
+    args.work_dir_resolved = str(tmp_path)
+    groups = {c["group"] for c in plan_cases(args, five_scans, tmp_path)}
+    assert groups == {"trainer", "inference"}
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--only", "nothing"])
 
 
 def test_fixed_per_batch_overhead_from_two_grids(report):
@@ -241,7 +267,7 @@ def test_percentile_matches_linear_interpolation_between_order_statistics():
 def test_epoch_timer_counts_scans_and_iterations_of_each_epoch():
     batches = [{"image": torch.zeros(b, 1, 4, 4)} for b in (3, 3, 2)]
     engine = Engine(lambda e, batch: None)
-    timer = EpochTimer("cpu")
+    timer = EpochTimer("cpu", per_iteration=True)
     timer.attach(engine)
     engine.run(batches, max_epochs=2)
     assert timer.scans == [8, 8] and timer.iterations == [3, 3]

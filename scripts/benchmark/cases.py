@@ -7,8 +7,11 @@ by :func:`run_case`, in this process or in a fresh interpreter (:func:`run_isola
 its own. Kinds:
 
 * ``pipeline``: a training config's trainer (``CacheDataset`` → loader → trainer → postprocessing → metric →
-  handlers; validation removed), warm-up epochs then timed epochs;
-* ``raw``: the same network(s), optimizer and loss on random tensors already on the device;
+  handlers → validation as configured, on a third of the scans), warm-up epochs then timed epochs;
+* ``raw``: the same network(s), optimizer and loss on random tensors already on the device, steps queued without
+  waiting for the device (one synchronisation per epoch);
+* ``trainer``: the overhead of the config's trainer in ms per iteration: the trainer around a near-free network
+  against a bare loop of the same steps;
 * ``datapath``: the training config's dataset, loader and ``prepare_batch`` alone: loader → batch → device, no
   network;
 * ``latency``: one scan at a time, NIfTI file → the inference config's preprocessing → network → PD probability;
@@ -46,13 +49,49 @@ from scripts.benchmark.timing import (
     synchronize,
 )
 
-__all__ = ["CONFIGS", "TEACHER_CONFIG", "DISTILL_CONFIG", "bundle_parser", "run_case", "run_isolated"]
+__all__ = [
+    "CONFIGS",
+    "TEACHER_CONFIG",
+    "DISTILL_CONFIG",
+    "NearFreeNetwork",
+    "bundle_parser",
+    "run_case",
+    "run_isolated",
+]
 
 CONFIGS = BUNDLE_ROOT / "configs"
 TEACHER_CONFIG = "train_teacher.json"
 DISTILL_CONFIG = "distill.json"
 STUDENT_INFERENCE = ("inference.json",)
 TEACHER_INFERENCE = ("inference.json", "inference_teacher.json")
+VALIDATION_SHARE = "$@train#datalist[: max(2, len(@train#datalist) // 3)]"
+"""The validation scans of a benchmark run (all its scans are training scans): a third of them, as the 60/20/20
+split of the synthetic sets gives."""
+
+
+class NearFreeNetwork(torch.nn.Module):
+    """A network that costs almost nothing, for measuring what a trainer adds around the network.
+
+    The mean of the input (any number of channels and dimensions) goes through a ``Linear(1, embedding_dim)``
+    (``encoder``) and a ``Linear(embedding_dim, num_classes)`` (``head``); ``forward_with_embedding`` returns both, as
+    the bundle's teacher and students do, so that it can stand in for either.
+    """
+
+    def __init__(self, embedding_dim: int = 8, num_classes: int = 2) -> None:
+        super().__init__()
+        self.embedding_dim = int(embedding_dim)
+        self.encoder = torch.nn.Linear(1, self.embedding_dim)
+        self.head = torch.nn.Linear(self.embedding_dim, int(num_classes))
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.encoder(x.flatten(1).mean(dim=1, keepdim=True))
+        return self.head(embedding), embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_embedding(x)[0]
+
+
+NEAR_FREE = {"_target_": "scripts.benchmark.cases.NearFreeNetwork"}
 
 
 def bundle_parser(config_files: Sequence[str], overrides: Mapping[str, Any] | None = None):
@@ -113,12 +152,19 @@ def _batch_bytes(batch: Mapping) -> int:
 def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """One bundle training pipeline: build the trainer from its config, run warm-up + timed epochs."""
     parser = bundle_parser([spec["config"]], spec["overrides"])
-    handlers = _drop_handlers(parser, "train#handlers", ["ValidationHandler"])
+    validation = bool(spec.get("validation", True))
+    if validation:  # as configured (val_interval), on a held-out-sized share of the scans
+        parser["validate#datalist"] = VALIDATION_SHARE
+        handlers = [str(h.get("_target_")) for h in parser["train#handlers"] if isinstance(h, dict)]
+    else:
+        handlers = _drop_handlers(parser, "train#handlers", ["ValidationHandler"])
     parser.get_parsed_content("initialize")
     start = time.perf_counter()
     parser.get_parsed_content("train#dataset")
     cache_fill = time.perf_counter() - start
     trainer = parser.get_parsed_content("train#trainer")
+    if validation:  # as the config's run step does
+        parser.get_parsed_content("validate#early_stop").set_trainer(trainer)
     timer = EpochTimer(device)
     timer.attach(trainer)
     trainer.run()
@@ -128,14 +174,11 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
         raise RuntimeError(f"no timed epoch: {len(timer.seconds)} epoch(s) ran, {warmup} warm-up.")
     rates = [n / s for n, s in zip(timed_scans, timed_s)]
     full = max(max(sizes) for sizes in timer.iteration_scans[warmup:])
-    full_steps = [
-        t
-        for times, sizes in zip(timer.iteration_seconds[warmup:], timer.iteration_scans[warmup:])
-        for t, b in zip(times, sizes)
-        if b == full
-    ]
     result = {
-        "what": "bundle pipeline epoch (cached data -> batch -> step -> postprocessing -> metric -> handlers)",
+        "what": "bundle pipeline epoch (cached data -> batch -> step -> postprocessing -> metric -> handlers"
+        + (" -> validation as configured)" if validation else ")"),
+        "validation": validation,
+        "val_interval": int(parser.get_parsed_content("val_interval")) if validation else None,
         "config": spec["config"],
         "scans_per_s": median(rates),
         "scans_per_s_best": max(rates),
@@ -146,7 +189,7 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
         "scans_per_epoch": timed_scans[0],
         "iterations_per_epoch": timer.iterations[warmup],
         "batch_size": full,
-        "full_batch_iteration_s_median": median(full_steps),
+        "iteration_s_mean": median([s / n for s, n in zip(timed_s, timer.iterations[warmup:])]),
         "cache_fill_s": cache_fill,
         "dataloader": type(trainer.data_loader).__name__,
         "stacked_cache": getattr(trainer.data_loader, "stacked", None) is not None,
@@ -159,6 +202,103 @@ def _pipeline_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, A
     if hasattr(trainer, "kd_enabled"):
         result["teacher_cache"] = None if cache is None else {"hits": cache.hits, "misses": cache.misses}
     return result
+
+
+def _trainer_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Trainer overhead: the config's trainer (loader, iteration, postprocessing, metrics, handlers, validation as
+    configured) around a :class:`NearFreeNetwork`, against a bare loop of the same steps, in ms per iteration.
+
+    The bare loop is what any training needs: ``zero_grad``, forward, loss, backward, ``step`` on batches already on
+    the device (the trainer's own first batch), the same network, optimizer, loss and mixed precision, with one
+    synchronisation per epoch. The difference is what the trainer adds per iteration.
+    """
+    from scripts.engine import DistillationTrainer
+
+    # a bundle root of its own: the run publishes its near-free model to <bundle_root>/models/
+    root = Path(spec["overrides"]["bundle_root"]).parent / f"{spec['name']}-bundle"
+    overrides = {**spec["overrides"], "bundle_root": str(root), "network_def": dict(NEAR_FREE)}
+    distill = spec["config"] == DISTILL_CONFIG
+    if distill:
+        path = root / "near_free_teacher.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(NearFreeNetwork().state_dict(), path)
+        overrides.update({"teacher_def": dict(NEAR_FREE), "teacher_ckpt": str(path)})
+    parser = bundle_parser([spec["config"]], overrides)
+    validation = bool(spec.get("validation", True))
+    if validation:
+        parser["validate#datalist"] = VALIDATION_SHARE
+    else:
+        _drop_handlers(parser, "train#handlers", ["ValidationHandler"])
+    parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content("train#trainer")
+    if validation:  # as the config's run step does
+        parser.get_parsed_content("validate#early_stop").set_trainer(trainer)
+    timer = EpochTimer(device)
+    timer.attach(trainer)
+    trainer.run()
+    warmup = int(spec["warmup_epochs"])
+    per_iteration = [s / n for s, n in zip(timer.seconds[warmup:], timer.iterations[warmup:])]
+    if not per_iteration:
+        raise RuntimeError(f"no timed epoch: {len(timer.seconds)} epoch(s) ran, {warmup} warm-up.")
+    iterations = timer.iterations[warmup]
+
+    # the bare loop on the trainer's own objects
+    batch = next(iter(trainer.data_loader))
+    x, y = trainer.prepare_batch(batch, device, True)
+    network, optimizer = trainer.network, trainer.optimizer
+    amp = bool(trainer.amp) and device.type == "cuda"
+    amp_kwargs = dict(trainer.amp_kwargs or {}) if amp else {}
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_kwargs.get("dtype", torch.float16) == torch.float16 else None
+    if distill:
+        loss_fn = trainer.distillation_loss
+        with torch.no_grad():
+            t_logits, t_embedding = trainer.teacher.forward_with_embedding(_plain(batch["image_3d"]).to(device))
+    else:
+        loss_fn = trainer.loss_function
+
+    def step() -> None:
+        network.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", **amp_kwargs) if amp else nullcontext():
+            logits, embedding = network.forward_with_embedding(x)
+        if distill:
+            loss = loss_fn(logits.float(), embedding.float(), y, t_logits.float(), t_embedding.float())["loss"]
+        else:
+            loss = loss_fn(logits.float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    bare = []
+    for epoch in range(warmup + len(per_iteration)):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        synchronize(device)
+        if epoch >= warmup:
+            bare.append((time.perf_counter() - start) / iterations)
+    trainer_ms, bare_ms = 1000.0 * median(per_iteration), 1000.0 * median(bare)
+    return {
+        "what": "ms per iteration of the config's trainer around a near-free network, against a bare loop",
+        "config": spec["config"],
+        "trainer": type(trainer).__name__,
+        "validation": validation,
+        "val_interval": int(parser.get_parsed_content("val_interval")) if validation else None,
+        "log_interval": getattr(getattr(trainer, "loss_log", None), "interval", None),
+        "teacher_cache": isinstance(trainer, DistillationTrainer) and trainer.teacher_cache is not None,
+        "batch_size": int(x.shape[0]),
+        "iterations_per_epoch": iterations,
+        "trainer_ms_per_iteration": trainer_ms,
+        "bare_ms_per_iteration": bare_ms,
+        "overhead_ms_per_iteration": trainer_ms - bare_ms,
+        "trainer_ms_per_iteration_all": [1000.0 * t for t in per_iteration],
+        "bare_ms_per_iteration_all": [1000.0 * t for t in bare],
+    }
 
 
 def _is_channels_last_3d(network: torch.nn.Module | None) -> bool:
@@ -262,16 +402,14 @@ def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
 
-    def epoch() -> tuple[float, list[float], float]:
-        steps = []
+    def epoch() -> tuple[float, None, float]:
+        """One epoch of steps queued without waiting for the device; one synchronisation at its end."""
         synchronize(device)
         cpu, start = time.process_time(), time.perf_counter()
         for b in batches:
-            t0 = time.perf_counter()
             step(b)
-            synchronize(device)
-            steps.append(time.perf_counter() - t0)
-        return time.perf_counter() - start, steps, time.process_time() - cpu
+        synchronize(device)
+        return time.perf_counter() - start, None, time.process_time() - cpu
 
     warm = [epoch()[0] for _ in range(int(spec["warmup_epochs"]))]
     timed = [epoch() for _ in range(int(spec["timed_epochs"]))]
@@ -288,9 +426,7 @@ def _raw_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         "epoch_s_all": seconds,
         "warmup_epoch_s": warm,
         "batch_size": max(batches),
-        "full_batch_iteration_s_median": median(
-            [t for _, steps, _ in timed for t, b in zip(steps, batches) if b == max(batches)]
-        ),
+        "iteration_s_mean": median(seconds) / len(batches),
         "scans_per_epoch": n,
         "iterations_per_epoch": len(batches),
         "channels_last": bool(spec.get("channels_last")),
@@ -549,6 +685,7 @@ def _scale_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 _CASES: dict[str, Callable[[Mapping[str, Any], torch.device], dict[str, Any]]] = {
     "pipeline": _pipeline_case,
+    "trainer": _trainer_case,
     "raw": _raw_case,
     "datapath": _datapath_case,
     "latency": _latency_case,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ def datalist_files(dataset_dir: Path) -> tuple[list[dict], list[str]]:
 
 
 def scale_datalist(train: list[dict], n_scans: int, out: Path) -> Path:
-    """A datalist of ``n_scans`` training entries cycling over ``train``, each a scan of its own: a symbolic link
-    ``images/scale-NNNNN.nii.gz`` to the source file and its own subject id (the datalist checks refuse an image
-    listed twice; the cache hashes each entry)."""
+    """A datalist of ``n_scans`` training entries cycling over ``train``, each a scan of its own: a copy
+    ``images/scale-NNNNN.nii.gz`` of the source file and its own subject id (the datalist checks refuse an image
+    listed twice, links included; the cache hashes each entry)."""
     entries = []
     images = out.parent / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -53,10 +54,16 @@ def scale_datalist(train: list[dict], n_scans: int, out: Path) -> Path:
         suffix = ".nii.gz" if str(source["image"]).endswith(".nii.gz") else Path(source["image"]).suffix
         link = images / f"scale-{i:05d}{suffix}"
         if not link.exists():
-            link.symlink_to(Path(source["image"]).resolve())
+            shutil.copyfile(Path(source["image"]).resolve(), link)
         entries.append({"image": str(link), "label": int(source["label"]), "subject": f"scale-{i:05d}"})
     out.write_text(json.dumps({"training": entries, "validation": [], "test": []}))
     return out
+
+
+def _only(cases: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cases of the groups named by ``--only`` (all when it is not given)."""
+    groups = getattr(args, "only", None)
+    return [c for c in cases if c["group"] in groups] if groups else cases
 
 
 def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -> list[dict[str, Any]]:
@@ -156,6 +163,13 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
     )
     raw("distill_cache_raw", DISTILL_CONFIG, "student", "distill", what="student step, teacher outputs given")
 
+    # trainer overhead: each config's trainer around a near-free network against a bare loop (ms per iteration)
+    for name, config, over in (("trainer_teacher", TEACHER_CONFIG, {}), ("trainer_distill", DISTILL_CONFIG, cache)):
+        over = {**common, "max_epochs": epochs, "run_name": name, **over}
+        if config == DISTILL_CONFIG:
+            over.setdefault("projection", projection)
+        add(name, "trainer", "trainer", config=config, overrides=over, warmup_epochs=int(args.warmup_epochs))
+
     # the data path alone, at the configs' batch sizes (the ceiling), with the configs' defaults and MONAI's
     datapath("teacher_datapath", TEACHER_CONFIG, "datapath", "bundle")
     datapath("distill_datapath", DISTILL_CONFIG, "datapath", "bundle")
@@ -244,7 +258,7 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
         _scale(add, common, train, scale_dir, max(args.scale_scans), int(args.spatial_size), ob, disk=True)
 
     if args.no_fast_path:
-        return cases
+        return _only(cases, args)
     # fast-path options, each against its baseline in this run
     pipeline(
         "teacher_pipeline_monai",
@@ -358,7 +372,7 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
             option="cudnn.benchmark off (teacher)",
             inverse=True,
         )
-    return cases
+    return _only(cases, args)
 
 
 def _scale(add, common: dict, train: list[dict], scale_dir: Path, n: int, grid: int, batch: int, disk: bool) -> None:

@@ -20,6 +20,8 @@ __all__ = [
     "write_markdown",
 ]
 
+TRAINER_OVERHEAD_MS = 0.7
+"""Target: what the trainer adds per iteration (80 % of the raw network's pace at H100 rates)."""
 MARKERS = ("<!-- benchmark tables: start -->", "<!-- benchmark tables: end -->")
 """A page that holds both lines gets the tables written between them (the rest of the page is kept)."""
 
@@ -175,6 +177,11 @@ def build_report(
                 _get(results, "distill_cache_raw", "scans_per_s"), _get(results, "distill_nocache_raw", "scans_per_s")
             ),
         },
+        "trainer_overhead": {
+            name: results[name]
+            for name in ("trainer_teacher", "trainer_distill")
+            if isinstance(results.get(name), dict) and "error" not in results[name]
+        },
         "data_path": data_path,
         "overhead": overhead,
         "inference": inference,
@@ -243,6 +250,15 @@ def _targets(report: Mapping[str, Any], cuda: bool) -> list[dict[str, Any]]:
                 "target": f"teacher data path >= {goal:.0f} scans/s (GPU)",
                 "value": rate,
                 "met": None if rate is None else rate >= goal,
+            }
+        )
+    for name, row in report.get("trainer_overhead", {}).items():
+        value = row.get("overhead_ms_per_iteration")
+        targets.append(
+            {
+                "target": f"{name}: trainer overhead <= {TRAINER_OVERHEAD_MS} ms/iteration above the bare loop",
+                "value": value,
+                "met": None if value is None else value <= TRAINER_OVERHEAD_MS,
             }
         )
     over = report["overhead"].get("bundle", {})
@@ -350,6 +366,28 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
             rows,
         )
     )
+
+    rows = [
+        [
+            name,
+            str(t.get("trainer")),
+            _fmt(t.get("batch_size"), "d"),
+            "every " + _fmt(t.get("val_interval"), "d") if t.get("validation") else "off",
+            _fmt(t.get("log_interval"), "d"),
+            _fmt(t.get("trainer_ms_per_iteration"), ".3f"),
+            _fmt(t.get("bare_ms_per_iteration"), ".3f"),
+            _fmt(t.get("overhead_ms_per_iteration"), ".3f"),
+        ]
+        for name, t in report.get("trainer_overhead", {}).items()
+    ]
+    if rows:
+        tables.append(
+            (
+                "Trainer overhead: the config's trainer around a near-free network vs a bare loop (ms / iteration)",
+                ["case", "trainer", "batch", "validation (epochs)", "loss read every", "trainer", "bare", "overhead"],
+                rows,
+            )
+        )
 
     rows = []
     names = {

@@ -46,6 +46,7 @@ from scripts.benchmark.timing import cpu_pressure, hardware_info
 __all__ = ["main", "parser"]
 
 DEFAULT_PROJECTIONS = ("joint_fusion_slices", "early_fusion_slices")
+GROUPS = ("teacher", "distill", "trainer", "datapath", "overhead", "inference", "scale", "fast")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,6 +88,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     p.add_argument("--no-fast-path", action="store_true", help="skip the fast-path option cases")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=GROUPS,
+        help="run only these groups of cases (default: all): " + ", ".join(GROUPS),
+    )
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None, help="one process per case")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every case in this process")
     p.add_argument("--case-timeout", type=float, default=1800.0, help="seconds per isolated case")
@@ -212,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | int:
         "n_train": len(train),
         "spatial_size": int(args.spatial_size),
         "batch_size": {
-            "teacher": next(c["batch_size"] for c in cases if c["name"] == "teacher_raw"),
-            "distill": next(c["batch_size"] for c in cases if c["name"] == "distill_cache_raw"),
+            "teacher": int(args.batch_size or bundle_parser(["train_teacher.json"]).get_parsed_content("batch_size")),
+            "distill": int(args.batch_size or bundle_parser([DISTILL_CONFIG]).get_parsed_content("batch_size")),
         },
         "projections": list(args.projections),
         "distill_projection": args.distill_projection or args.projections[0],
@@ -233,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | int:
             else "peak RSS of the single benchmark process so far (cases not isolated; cumulative)"
         ),
         "quick": bool(args.quick),
+        "only": list(args.only) if args.only else None,
         "compile": bool(args.compile),
         "threads": args.threads,
         "win_threshold": WIN_THRESHOLD,

@@ -70,8 +70,9 @@ class Stopwatch:
         clock.wall_s, clock.cpu_s
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", per_iteration: bool = False) -> None:
         self.device = torch.device(device)
+        self.per_iteration = bool(per_iteration)
         self.wall_s = self.cpu_s = 0.0
 
     @staticmethod
@@ -109,9 +110,11 @@ def batch_size_of(batch: Any) -> int:
 class EpochTimer:
     """Wall time and number of scans of every epoch, and of every iteration, of an ignite engine.
 
-    An epoch is timed from ``EPOCH_STARTED`` to ``EPOCH_COMPLETED``, an iteration from ``GET_BATCH_STARTED`` (before
-    the data loader yields the batch) to ``ITERATION_COMPLETED``; each reading of ``time.perf_counter()`` follows
-    ``torch.cuda.synchronize`` on a CUDA device. Attach it after every other handler so that the work of the
+    An epoch is timed from ``EPOCH_STARTED`` to ``EPOCH_COMPLETED``; with ``per_iteration=True`` also each iteration,
+    from ``GET_BATCH_STARTED`` (before the data loader yields the batch) to ``ITERATION_COMPLETED``. Each reading of
+    ``time.perf_counter()`` follows ``torch.cuda.synchronize`` on a CUDA device, so per-iteration timing stops the
+    host from queueing work ahead of the device: it is off by default, and epochs then show the real pace.
+    Attach it after every other handler so that the work of the
     metrics and handlers at those events falls inside the measured intervals.
 
     Attributes:
@@ -123,8 +126,9 @@ class EpochTimer:
         cpu_seconds: CPU time (``time.process_time``, all threads of the process) of each completed epoch.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", per_iteration: bool = False) -> None:
         self.device = torch.device(device)
+        self.per_iteration = bool(per_iteration)
         self.seconds: list[float] = []
         self.scans: list[int] = []
         self.iterations: list[int] = []
@@ -149,12 +153,14 @@ class EpochTimer:
         self._start = time.perf_counter()
 
     def _batch_started(self, engine: Engine) -> None:
-        synchronize(self.device)
-        self._batch_start = time.perf_counter()
+        if self.per_iteration:
+            synchronize(self.device)
+            self._batch_start = time.perf_counter()
 
     def _iteration_completed(self, engine: Engine) -> None:
-        synchronize(self.device)
-        self.iteration_seconds[-1].append(time.perf_counter() - self._batch_start)
+        if self.per_iteration:
+            synchronize(self.device)
+            self.iteration_seconds[-1].append(time.perf_counter() - self._batch_start)
         self.iteration_scans[-1].append(batch_size_of(engine.state.batch))
 
     def _epoch_completed(self, engine: Engine) -> None:
