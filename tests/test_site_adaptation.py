@@ -284,6 +284,7 @@ def test_cli_refusal_is_one_line_with_its_own_exit_status(tiny_phantom_dataset, 
 
     bad = _bundle(site_root, "--input", str(images), "--run_name", "bad", "--site_adaptation", "magic")
     assert bad.returncode == 1 and "--site_adaptation 'magic' is not a method" in bad.stderr
+    assert not (site_root / "eval" / "bad").exists()  # checked before anything is written
 
 
 # ----------------------------------------------------------------------------------------------------------------
