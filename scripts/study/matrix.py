@@ -349,6 +349,8 @@ PRESETS: dict[str, dict] = {
         "teachers": 1,
         "fractions": LOW_DATA_FRACTIONS[:2],
         "low_data_projections": ("single_slice",),
+        "label_noise": (0.05,),
+        "noise_fraction": LOW_DATA_FRACTIONS[1],
         "teacher_fraction": "full",
         "teacher_epochs": 8,
         "student_epochs": 15,
@@ -370,8 +372,10 @@ PRESETS: dict[str, dict] = {
 """Named matrices: ``demo`` (``make demo``: teacher + KD / no-KD student of the default projection, ~10 min on 2
 CPU cores), ``cpu`` (``make study``: every part on a 2-core CPU; the low-data sweep at ~20 and ~40 training scans
 on ``single_slice`` and ``joint_fusion_slices`` with 10 seeds and both teachers, and a 5 % label-noise arm at ~40
-scans; 12 teachers and 214 students, about 5 h with ``--jobs 2``, not measured yet), ``lowdata`` (the low-data arm alone: ``single_slice`` at ~20 and ~40 training scans, KD from the full-data
-teacher vs no KD, 10 seeds), ``full`` (every projection and variant, both low-data teachers, long schedules: GPU)."""
+scans; 12 teachers and 214 students, about 5 h with ``--jobs 2``, not measured yet), ``lowdata`` (the low-data arm
+alone: ``single_slice`` at ~20 and ~40 training scans, KD from the full-data teacher vs no KD, then 5 % flipped
+labels at ~40 scans; 10 seeds), ``full`` (every projection and variant, both low-data teachers, long schedules:
+GPU)."""
 
 
 def preset(name: str, **changes) -> MatrixSpec:
