@@ -183,9 +183,12 @@ class SharedChannelEncoder(nn.Module):
         e = [e_1, \\dots, e_K] \\in \\mathbb{R}^{B \\times K D} \\ (\\text{"cat"}) \\quad \\text{or} \\quad
         e = \\tfrac{1}{K} \\sum_k e_k \\in \\mathbb{R}^{B \\times D} \\ (\\text{"mean"})
 
-    The weights are shared: there is one set of parameters however large ``K`` is. Each channel is a
-    separate call of the encoder, so in training mode batch normalisation uses the statistics of that
-    channel's batch (and updates the running statistics once per channel).
+    The weights are shared: there is one set of parameters however large ``K`` is. In training mode each
+    channel is a separate call of the encoder, so batch normalisation uses the statistics of that channel's
+    batch (and updates the running statistics once per channel). In evaluation mode (running statistics, no
+    dependence between the images of a batch) the ``K`` channels go through the encoder as one batch of
+    ``K * B`` single-channel images: the same embeddings from one call instead of ``K`` (``batched=False``
+    keeps one call per channel).
 
     Args:
         encoder: single-channel encoder returning ``(B, D)``.
@@ -206,6 +209,7 @@ class SharedChannelEncoder(nn.Module):
         self.encoder = encoder
         self.num_channels = num_channels
         self.reduction = reduction
+        self.batched = True
         self.out_dim = embedding_dim * num_channels if reduction == "cat" else embedding_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,12 +221,17 @@ class SharedChannelEncoder(nn.Module):
                 + str(list(x.shape))
                 + "."
             )
-        embeddings: list[torch.Tensor] = []
-        for k in range(self.num_channels):
-            embeddings.append(self.encoder(x[:, k : k + 1]))
-        if self.reduction == "cat":
-            return torch.cat(embeddings, dim=1)
-        return torch.stack(embeddings, dim=0).mean(dim=0)
+        if self.training or not self.batched:
+            embeddings: list[torch.Tensor] = []
+            for k in range(self.num_channels):
+                embeddings.append(self.encoder(x[:, k : k + 1]))
+            if self.reduction == "cat":
+                return torch.cat(embeddings, dim=1)
+            return torch.stack(embeddings, dim=0).mean(dim=0)
+        # evaluation: the K channels as K * B single-channel images through one call of the encoder
+        b, k = x.shape[:2]
+        e = self.encoder(x.reshape(b * k, 1, *x.shape[2:])).reshape(b, k, -1)
+        return e.reshape(b, -1) if self.reduction == "cat" else e.mean(dim=1)
 
 
 class Student2D(EmbeddingClassifier):
