@@ -90,7 +90,10 @@ def metric_rows(labels: np.ndarray, scores: np.ndarray, metric: str, threshold=0
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """``(false positive rate, true positive rate)`` points of the ROC curve of PD ``scores`` (ties as one step)."""
+    """``(false positive rate, true positive rate)`` points of the ROC curve of PD ``scores`` (ties as one step).
+
+    Written here because MONAI computes the AUC only (no curve points) and scikit-learn is not a dependency.
+    """
     y = np.asarray(labels, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-s, kind="stable")
