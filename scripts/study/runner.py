@@ -297,7 +297,48 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
 
     report = write_report(run_dir, run_dir / "report.md", run_dir / "figures", figures=not args.no_figures)
     print(f"\n{report.summary}\n\nReport: {run_dir / 'report.md'}")
+    if getattr(args, "publish", None):
+        publish_models(run_dir, cells, spec.teachers, Path(args.publish))
     return 0
+
+
+def published_cells(cells: Sequence[Cell], n_teachers: int) -> tuple[Cell, Cell] | None:
+    """The KD student to serve (full training set, lowest seed, default centre and intensity, first variant in
+    the matrix) and its teacher; ``None`` when the matrix has no such student."""
+    students = [
+        c
+        for c in cells
+        if c.kind == "student" and c.kd and c.fraction == 1.0 and not c.label_noise and c.intensity == "minmax"
+    ]
+    students = [c for c in students if c.centre == "template"] or students
+    if not students:
+        return None
+    student = min(students, key=lambda c: c.seed)
+    return student, student.teacher(n_teachers)
+
+
+def publish_models(run_dir: Path, cells: Sequence[Cell], n_teachers: int, models_dir: Path) -> list[Path]:
+    """Publish a study's teacher and KD student (their best checkpoints by validation) to ``models_dir`` as
+    ``teacher.pt`` and ``model.pt``, so that the inference configs serve them; through
+    :class:`scripts.handlers.PublishCheckpoint` (a better model already there on the same validation split is
+    kept, the replaced one goes to ``models_dir/previous/``)."""
+    from scripts.handlers import PublishCheckpoint
+    from scripts.study.cells import best_checkpoint
+
+    picked = published_cells(cells, n_teachers)
+    if picked is None:
+        print("note: no KD student in this matrix; nothing published.")
+        return []
+    published = []
+    for cell, name in zip(picked, ("model.pt", "teacher.pt")):
+        source = best_checkpoint(run_dir, cell)
+        if not source.is_file():
+            print(f"note: {cell.name} has no best checkpoint ({source}); {models_dir / name} left unchanged.")
+            continue
+        if PublishCheckpoint(source, models_dir / name).publish():
+            published.append(models_dir / name)
+            print(f"Published {cell.name} to {models_dir / name}")
+    return published
 
 
 def _run_cells(args: argparse.Namespace, plan: CellPlan, results: ResultsFile, progress: Progress) -> int | None:
@@ -414,6 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--max-cells", type=int, default=None, help="stop after starting this many cells")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
     run.add_argument("--no-figures", action="store_true", help="write the report without figures")
+    run.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR",
+        help="then publish the KD student and its teacher to DIR/model.pt and DIR/teacher.pt (e.g. models)",
+    )
 
     rep = sub.add_parser("report", help="write the report of a study folder")
     rep.add_argument("run_dir")
