@@ -187,7 +187,8 @@ class LossLog:
         terms = {"train_loss": first[Keys.LOSS]}
         terms.update({k: v for k, v in first.items() if k.startswith("loss_") and k != LOSS_LOG})
         names = list(terms)
-        values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in terms.values()])
+        device = torch.as_tensor(first[Keys.LOSS]).device  # a term given as a number joins the loss's device
+        values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in terms.values()])
         if self._sum is None or names != self._names:
             self._sum, self._names, self._count = values, names, 1
         else:
