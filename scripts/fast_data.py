@@ -43,9 +43,38 @@ from monai.utils import PostFix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cached_dataset", "StackedCache", "CacheBatchLoader", "PlainTensorBatch", "stacking_problem"]
+__all__ = [
+    "cached_dataset",
+    "PreprocessedOnce",
+    "StackedCache",
+    "CacheBatchLoader",
+    "PlainTensorBatch",
+    "stacking_problem",
+]
 
 FILENAME = "filename_or_obj"
+
+
+class PreprocessedOnce(Transform):
+    """The deterministic ``transform`` of a datalist entry, computed once and kept on disk for every later run.
+
+    A MONAI ``PersistentDataset`` store: the result for an entry is written to ``cache_dir`` as one ``.pt`` file
+    named by the hash of the entry and of the transforms with their settings, and read back by any run (any
+    process) that applies the same transforms to the same entry. Runs that share a folder (the cells of a study)
+    therefore decode, resample and normalise each scan once per preprocessing chain; another grid, intensity mode
+    or projection is another chain, hence other files, never stale ones.
+
+    Args:
+        transform: deterministic transforms (no random part).
+        cache_dir: the shared folder.
+    """
+
+    def __init__(self, transform: Callable, cache_dir: str | os.PathLike) -> None:
+        os.makedirs(cache_dir, exist_ok=True)
+        self.store = PersistentDataset(data=[], transform=transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+
+    def __call__(self, data: Mapping) -> Any:
+        return self.store._cachecheck(data)
 
 
 def cached_dataset(
@@ -55,6 +84,7 @@ def cached_dataset(
     num_workers: int | None = 0,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    shared_dir: str | os.PathLike | None = None,
 ) -> CacheDataset | PersistentDataset:
     """The training/validation dataset: preprocessed once, kept in memory or, with ``cache_dir``, on disk.
 
@@ -69,10 +99,19 @@ def cached_dataset(
             name is the hash of the datalist entry and of the deterministic transforms with their settings, so runs
             with another grid, projection or intensity mode write their own files into the same folder.
         progress: show a progress bar while the in-memory cache fills.
+        shared_dir: (in-memory cache only) the deterministic part of the preprocessing of each scan is read from
+            this folder when another run already computed it with the same transforms, else computed and written
+            there (:class:`PreprocessedOnce`): the cells of a study preprocess each scan once per chain.
     """
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
         return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+    if shared_dir and isinstance(transform, Compose):
+        first = transform.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+        steps = list(transform.transforms)
+        deterministic, rest = (steps, []) if first is None else (steps[:first], steps[first:])
+        if deterministic:
+            transform = Compose([PreprocessedOnce(Compose(deterministic), shared_dir), *rest])
     return CacheDataset(
         data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress
     )

@@ -1,0 +1,46 @@
+# Copyright (c) the pd_datscan_kd_classification authors.
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""One preprocessing per study: runs that share a folder preprocess each scan once per transform chain."""
+
+from __future__ import annotations
+
+import torch
+from monai.transforms import Compose, MapTransform
+from scripts.fast_data import StackedCache, cached_dataset, stacking_problem
+
+
+class CountedScale(MapTransform):
+    """A deterministic "preprocessing" that counts its calls (in this process)."""
+
+    calls = 0
+
+    def __init__(self, factor: float) -> None:
+        super().__init__(keys="image")
+        self.factor = factor
+
+    def __call__(self, data):
+        CountedScale.calls += 1
+        d = dict(data)
+        d["image"] = torch.full((1, 4, 4), float(d["value"]) * self.factor)
+        return d
+
+
+def _data():
+    return [{"value": i, "label": i % 2} for i in range(5)]
+
+
+def test_two_runs_read_one_cache_and_a_changed_chain_rebuilds_it(tmp_path):
+    shared = tmp_path / "volumes"
+    CountedScale.calls = 0
+    first = cached_dataset(_data(), Compose([CountedScale(2.0)]), shared_dir=shared)
+    assert CountedScale.calls == 5 and len(list(shared.glob("*.pt"))) == 5
+    second = cached_dataset(_data(), Compose([CountedScale(2.0)]), shared_dir=shared)  # another cell, same chain
+    assert CountedScale.calls == 5  # read from the folder, not preprocessed again
+    for a, b in zip(first, second):
+        assert torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
+    changed = cached_dataset(_data(), Compose([CountedScale(3.0)]), shared_dir=shared)  # another chain
+    assert CountedScale.calls == 10 and len(list(shared.glob("*.pt"))) == 10
+    assert torch.equal(changed[4]["image"], torch.full((1, 4, 4), 12.0))
+    # still an in-memory cache the fast path stacks
+    assert stacking_problem(second) is None
+    assert StackedCache(second).tensors["image"].shape == (5, 1, 4, 4)
