@@ -37,6 +37,16 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray = MNI_AFFINE, dtype=
     return path
 
 
+def _save_without_transform(path: Path, array: np.ndarray) -> Path:
+    """A NIfTI file with voxel sizes but no voxel-to-world transform (qform and sform codes 0)."""
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), None)
+    image.header.set_zooms((2.0, 2.0, 2.0))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, str(path))
+    return path
+
+
 def _rotation(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[2 * c, -2 * s, 0, 0], [2 * s, 2 * c, 0, 0], [0, 0, 2, -72], [0, 0, 0, 1]])
@@ -56,7 +66,19 @@ def _cases(folder: Path, base: np.ndarray, source: Path, rng: np.random.Generato
         scale = float(rng.uniform(0.01, 1000))
         add(f"scaled_{i}.nii.gz", MUST_SCORE, lambda p, s=scale: _save(p, base * s))
         add(f"int16_{i}.nii.gz", MUST_SCORE, lambda p, s=scale: _save(p, base / base.max() * 3000, dtype=np.int16))
-        add(f"shifted_{i}.nii", MUST_SCORE, lambda p, s=scale: _save(p, base + s))
+        # an offset small against the striatal contrast (a large one erases it: the gate refuses that)
+        offset = float(rng.uniform(0.0, 0.1)) * float(base.max())
+        add(f"shifted_{i}.nii", MUST_SCORE, lambda p, s=offset: _save(p, base + s))
+        # semantic corruptions: valid files on the MNI grid that are not a DaTscan in MNI space
+        add(f"inverted_{i}.nii.gz", MUST_FAIL, lambda p, s=scale: _save(p, (base.max() - base) * s))
+        add(f"negated_{i}.nii.gz", MUST_FAIL, lambda p, s=scale: _save(p, -base * s))
+        add(f"upside_down_{i}.nii.gz", MUST_FAIL, lambda p: _save(p, base[:, :, ::-1]))
+        add(f"front_back_{i}.nii.gz", MUST_FAIL, lambda p: _save(p, base[:, ::-1, :]))
+        up = int(rng.integers(13, 20))  # 26-40 mm
+        add(f"moved_up_{i}.nii.gz", MUST_FAIL, lambda p, k=up: _save(p, np.roll(base, k, axis=2)))
+        add(f"no_transform_{i}.nii.gz", MUST_FAIL, lambda p: _save_without_transform(p, base))
+        gamma = rng.gamma(2.0, float(base.mean()) / 2.0, size=base.shape)
+        add(f"noise_{i}.nii.gz", MUST_FAIL, lambda p, g=gamma: _save(p, g))
         # broken files
         cut = int(rng.integers(10, len(raw) - 10))
         add(f"truncated_{i}.nii.gz", MUST_FAIL, lambda p, c=cut: p.write_bytes(raw[:c]))
@@ -102,7 +124,7 @@ def test_corrupted_volumes_are_scored_only_when_valid_and_never_crash_inference(
     scans = tmp_path / "scans"
     scans.mkdir()
     expected = _cases(scans, base, source, rng)
-    assert len(expected) == 51
+    assert len(expected) == 72
     root = tmp_path / "bundle"
     torch.manual_seed(0)
     settings = {"spatial_size": [32, 32, 32], "intensity": "minmax", "projection": "joint_fusion_slices"}
@@ -110,7 +132,7 @@ def test_corrupted_volumes_are_scored_only_when_valid_and_never_crash_inference(
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root",
            str(root), "--input", str(scans), "--run_name", "fuzz", "--batch_size", "8"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BUNDLE_ROOT))
-    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=420)
     errors = [line for line in result.stderr.splitlines() if line.strip() and "GHSA-873f-pvrv-4x83" not in line]
     assert result.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: "), result.stderr[-3000:]
     with (root / "eval" / "fuzz" / "predictions.csv").open(encoding="utf-8") as f:
