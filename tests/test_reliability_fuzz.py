@@ -67,17 +67,18 @@ def _cases(folder: Path, base: np.ndarray, source: Path, rng: np.random.Generato
         add(f"scaled_{i}.nii.gz", MUST_SCORE, lambda p, s=scale: _save(p, base * s))
         add(f"int16_{i}.nii.gz", MUST_SCORE, lambda p, s=scale: _save(p, base / base.max() * 3000, dtype=np.int16))
         # an offset small against the striatal contrast (a large one erases it: the gate refuses that)
-        offset = float(rng.uniform(0.0, 0.1)) * float(base.max())
+        semantic = np.random.default_rng(SEED + 100 + i)  # its own stream: the other cases draw what they drew
+        offset = float(semantic.uniform(0.0, 0.1)) * float(base.max())
         add(f"shifted_{i}.nii", MUST_SCORE, lambda p, s=offset: _save(p, base + s))
         # semantic corruptions: valid files on the MNI grid that are not a DaTscan in MNI space
         add(f"inverted_{i}.nii.gz", MUST_FAIL, lambda p, s=scale: _save(p, (base.max() - base) * s))
         add(f"negated_{i}.nii.gz", MUST_FAIL, lambda p, s=scale: _save(p, -base * s))
         add(f"upside_down_{i}.nii.gz", MUST_FAIL, lambda p: _save(p, base[:, :, ::-1]))
         add(f"front_back_{i}.nii.gz", MUST_FAIL, lambda p: _save(p, base[:, ::-1, :]))
-        up = int(rng.integers(13, 20))  # 26-40 mm
+        up = int(semantic.integers(13, 20))  # 26-40 mm
         add(f"moved_up_{i}.nii.gz", MUST_FAIL, lambda p, k=up: _save(p, np.roll(base, k, axis=2)))
         add(f"no_transform_{i}.nii.gz", MUST_FAIL, lambda p: _save_without_transform(p, base))
-        gamma = rng.gamma(2.0, float(base.mean()) / 2.0, size=base.shape)
+        gamma = semantic.gamma(2.0, float(base.mean()) / 2.0, size=base.shape)
         add(f"noise_{i}.nii.gz", MUST_FAIL, lambda p, g=gamma: _save(p, g))
         # broken files
         cut = int(rng.integers(10, len(raw) - 10))
