@@ -71,7 +71,14 @@ class PreprocessedOnce(Transform):
 
     def __init__(self, transform: Callable, cache_dir: str | os.PathLike) -> None:
         os.makedirs(cache_dir, exist_ok=True)
-        self.store = PersistentDataset(data=[], transform=transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+        self.store = PersistentDataset(
+            data=[],
+            transform=transform,
+            cache_dir=cache_dir,
+            hash_transform=pickle_hashing,
+            track_meta=True,  # MetaTensors with their metadata (file names key the teacher-output cache)
+            weights_only=False,  # MetaTensors are not plain weights; the files are the study's own
+        )
 
     def __call__(self, data: Mapping) -> Any:
         return self.store._cachecheck(data)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from scripts.fast_data import StackedCache, cached_dataset, stacking_problem
 
@@ -21,7 +22,8 @@ class CountedScale(MapTransform):
     def __call__(self, data):
         CountedScale.calls += 1
         d = dict(data)
-        d["image"] = torch.full((1, 4, 4), float(d["value"]) * self.factor)
+        image = torch.full((1, 4, 4), float(d["value"]) * self.factor)
+        d["image"] = MetaTensor(image, meta={"filename_or_obj": f"scan{d['value']}.nii.gz"})
         return d
 
 
@@ -38,6 +40,8 @@ def test_two_runs_read_one_cache_and_a_changed_chain_rebuilds_it(tmp_path):
     assert CountedScale.calls == 5  # read from the folder, not preprocessed again
     for a, b in zip(first, second):
         assert torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
+        # read back with its metadata: the file name keys the teacher-output cache and names the predictions
+        assert isinstance(b["image"], MetaTensor) and b["image"].meta["filename_or_obj"] == f"scan{b['value']}.nii.gz"
     changed = cached_dataset(_data(), Compose([CountedScale(3.0)]), shared_dir=shared)  # another chain
     assert CountedScale.calls == 10 and len(list(shared.glob("*.pt"))) == 10
     assert torch.equal(changed[4]["image"], torch.full((1, 4, 4), 12.0))
