@@ -84,8 +84,9 @@ def share_subset(labels: Sequence[int], share: float, seed: int = 0) -> np.ndarr
 
 def wants_adabn(cell: Cell) -> bool:
     """The cells whose AdaBN scores the study measures: full-data teachers and the default projection's KD
-    (default loss) and no-KD students, with the default slice centre and intensity normalisation."""
-    if cell.fraction != 1.0 or cell.intensity != "minmax":
+    (default loss) and no-KD students with the default slice centre, under min-max or occipital (reference
+    region) intensity normalisation."""
+    if cell.fraction != 1.0 or cell.intensity not in ("minmax", "occipital"):
         return False
     if cell.kind == "teacher":
         return True
@@ -219,9 +220,10 @@ def evaluate_record(
 def _model(cell: Cell) -> str | None:
     if not wants_adabn(cell):
         return None
+    suffix = "" if cell.intensity == "minmax" else f" ({cell.intensity} normalisation)"
     if cell.kind == "teacher":
-        return "3D teacher"
-    return f"2D {cell.projection.replace('_', ' ')}, " + ("with KD" if cell.kd else "without KD")
+        return "3D teacher" + suffix
+    return f"2D {cell.projection.replace('_', ' ')}, " + ("with KD" if cell.kd else "without KD") + suffix
 
 
 def adaptation_results(
