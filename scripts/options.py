@@ -191,6 +191,7 @@ OPTIONS: dict[str, Option] = {
     "teacher_ckpt": Option("str"),
     "eval_checkpoint": Option("str"),
     "checkpoint_name": Option("str"),
+    "shared_cache_dir": Option("str"),
     "run_name": Option("str"),
     "output_dir": Option("str"),
     "input": Option("str"),
