@@ -30,7 +30,7 @@ def _switches_read() -> set[str]:
     found: set[str] = set()
     for path in sorted((BUNDLE_ROOT / "configs").glob("*.json")):
         text = path.read_text(encoding="utf-8")
-        found |= set(re.findall(r"\b(?:not|and|or|if)\s+@(\w+)", text))
+        found |= set(re.findall(r"\b(?:not|and|or|if)\s+@(\w+)(?![\w#])", text))  # @id, not @id#sub
         found |= set(re.findall(r'"_disabled_":\s*"@(\w+)"', text))
     for key, values in _defined_ids().items():
         if any(isinstance(v, bool) for v in values):
