@@ -322,6 +322,7 @@ class ReportWriter:
         from scripts.engine import TEACHER_TRAIN_COMMAND
 
         self.records, self.notes, self._names = [], [], set()
+        self._failed: dict[str, str] = {}
         net = copy.deepcopy(self.network).to(self.device).eval()
         self.teacher_only = getattr(net, "spatial_dims", 2) == 3
         self.student_cam = None if self.teacher_only else GradCAMSaliency(net, self.method)
@@ -379,6 +380,9 @@ class ReportWriter:
         return name
 
     def _on_iteration(self, engine: Engine) -> None:
+        for failure in getattr(engine.state, "failed_scans", None) or []:  # refused by the input checks or the gate
+            if isinstance(failure, Mapping) and failure.get("image"):
+                self._failed[os.path.abspath(str(failure["image"]))] = str(failure.get("reason", ""))
         for image, probs in _items(engine.state.batch, engine.state.output):
             path = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
             record = ScanRecord(image=path, name=self._unique_name(path or f"scan_{len(self.records)}"))
@@ -468,6 +472,10 @@ class ReportWriter:
                 if os.path.abspath(path) in seen:
                     continue
                 record = ScanRecord(image=path, name=self._unique_name(path))
+                if self._failed.get(os.path.abspath(path)):
+                    record.error = self._failed[os.path.abspath(path)]
+                    self.records.append(record)
+                    continue
                 try:
                     self.preprocess({"image": path})
                     record.error = "no prediction was produced for this scan."

@@ -6,6 +6,7 @@ are, and through the command line they get an error row and a non-zero exit unle
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_the_gate_reaches_predictions_and_the_exit_status(tmp_path, tiny_phantom
     _corrupt(good, scans / "inverted.nii.gz", "inverted")
     _corrupt(good, scans / "upside_down.nii.gz", "upside_down")
     refused = _bundle("run", "--config_file", "configs/inference.json", "--bundle_root", str(root), "--input",
-                      str(scans), "--run_name", "gate", "--progress_bar", "false")  # fmt: skip
+                      str(scans), "--run_name", "gate", "--progress_bar", "false", "--report", "true")  # fmt: skip
     lines = _stderr(refused)
     assert refused.returncode != 0 and len(lines) == 1, refused.stderr[-3000:]
     assert lines[0].startswith("error: 2 of 3 scans could not be scored") and "does not look like a DaTscan" in lines[0]
@@ -96,6 +97,11 @@ def test_the_gate_reaches_predictions_and_the_exit_status(tmp_path, tiny_phantom
     assert rows["good.nii.gz"]["error"] == "" and rows["good.nii.gz"]["pd_probability"] != ""
     for name in ("inverted.nii.gz", "upside_down.nii.gz"):
         assert "does not look like a DaTscan" in rows[name]["error"] and rows[name]["pd_probability"] == ""
+    # the reading report gives the refused scans their reason
+    report = json.loads((root / "eval" / "gate" / "report" / "report.json").read_text(encoding="utf-8"))
+    errors = {Path(r["image"]).name: r["error"] for r in report}
+    assert errors["good.nii.gz"] in ("", None)
+    assert all("does not look like a DaTscan" in errors[n] for n in ("inverted.nii.gz", "upside_down.nii.gz"))
     allowed = _bundle("run", "--config_file", "configs/inference.json", "--bundle_root", str(root), "--input",
                       str(scans), "--run_name", "allowed", "--progress_bar", "false", "--allow_nonstandard_input",
                       "true")  # fmt: skip

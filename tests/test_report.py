@@ -52,6 +52,7 @@ def _infer(root: Path, dataset: Path, scans: Path, run_name: str) -> Path:
         report=True,
         run_name=run_name,
         batch_size=2,
+        allow_nonstandard_input=True,  # the moved scan is refused by the inference gate otherwise
     )
     wf.initialize()
     wf.run()
