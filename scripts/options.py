@@ -74,6 +74,7 @@ class Option:
         above: exclusive lower bound of a number.
         choices: the accepted values of a ``"choice"`` (a callable returning them is read lazily).
         hint: what to do, appended to the error.
+        empty: a ``"str"`` that may be empty (a folder option whose empty value means none).
     """
 
     kind: str
@@ -82,13 +83,14 @@ class Option:
     above: float | None = None
     choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
     hint: str = ""
+    empty: bool = False
 
     def expects(self) -> str:
         """What the option accepts, in words."""
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
-            return "a non-empty string"
+            return "a string (empty for none)" if self.empty else "a non-empty string"
         if self.kind == "device":
             return "a device this machine has (cpu, cuda, cuda:0...)"
         if self.kind == "choice":
@@ -191,7 +193,8 @@ OPTIONS: dict[str, Option] = {
     "teacher_ckpt": Option("str"),
     "eval_checkpoint": Option("str"),
     "checkpoint_name": Option("str"),
-    "shared_cache_dir": Option("str"),
+    "shared_cache_dir": Option("str", empty=True),
+    "persistent_cache_dir": Option("str", empty=True),
     "run_name": Option("str"),
     "output_dir": Option("str"),
     "input": Option("str"),
@@ -253,7 +256,7 @@ def check_value(name: str, value: Any, option: Option | None = None) -> Any:
         except OptionError:
             raise fail() from None
     if option.kind == "str":
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not (value.strip() or (option.empty and value == "")):
             raise fail()
         return value
     if option.kind == "device":
