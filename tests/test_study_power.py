@@ -31,6 +31,7 @@ def test_minimum_detectable_difference_on_hand_made_components():
     # No seed variance: one seed is enough once the scans suffice.
     assert power.needed(power.VarianceComponents(0.0, 0.0106, 3, 10_000), 0.01)["seeds_at_scans"] == 1
     assert "MDE 0.041" in power.power_note(vc)
+    assert "no seed variance" in power.power_note(power.VarianceComponents(0.0, 0.0106, 1, 1000))
 
 
 def test_variance_components_from_per_scan_scores():

@@ -134,7 +134,13 @@ def variance_components(
 
 
 def power_note(vc: VarianceComponents, effect: float = TARGET) -> str:
-    """One line for a report: the minimum detectable difference and what ``effect`` would need."""
+    """One line for a report: the minimum detectable difference and what ``effect`` would need (with one seed pair
+    the seed variance is unknown: only the scan term's lower bound is given)."""
+    if vc.n_seeds < 2:
+        return (
+            f"MDE ≥ {minimum_detectable(vc):.3f} from the test scans alone (σ²_scan {vc.scan_var:.2g}, "
+            f"N {vc.n_scans}); one seed pair gives no seed variance, so the seeds a difference needs are unknown"
+        )
     need = needed(vc, effect)
     seeds = need["seeds_at_scans"]
     scans = need["scans_at_seeds"]

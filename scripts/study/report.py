@@ -197,7 +197,8 @@ def _fmt_cmp(c: PairedComparison | None) -> str:
         return "–"
     verdict = f"**{c.verdict}**" if c.decided else c.verdict
     mde = getattr(c, "mde", None)
-    return f"{c.format()} ({verdict}" + (f"; MDE {mde:.3f})" if mde is not None else ")")
+    bound = "≥ " if mde is not None and c.n < 2 else ""  # one seed pair: the scan term only
+    return f"{c.format()} ({verdict}" + (f"; MDE {bound}{mde:.3f})" if mde is not None else ")")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
