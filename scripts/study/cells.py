@@ -252,6 +252,13 @@ def operating_metrics(
 # ----------------------------------------------------------------------------------------------------------------
 # network cells
 # ----------------------------------------------------------------------------------------------------------------
+def volumes_dir(ctx: StudyContext) -> Path:
+    """The study's preprocessed scans, shared by its cells: each scan is decoded, resampled and normalised once per
+    preprocessing chain (data set, grid, intensity, projection), in files named by the hash of the scan's entry and
+    of the transforms (:class:`scripts.fast_data.PreprocessedOnce`, MONAI ``PersistentDataset``)."""
+    return Path(ctx.run_dir) / "volumes"
+
+
 def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
     """Every override of a network cell's training run, in command-line order."""
     root = cell_dir(ctx.run_dir, cell)
@@ -264,6 +271,7 @@ def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
         "synthetic_data": False,
         "run_name": "train",
         "progress_bar": False,
+        "shared_cache_dir": str(volumes_dir(ctx)),
         **ctx.settings,
         **kind_settings,
         **cell.overrides(),
@@ -323,6 +331,12 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
             "datalist_file": str(datalist),
             "eval_split": split,
             "eval_checkpoint": str(checkpoint),
+            "evaluate#dataset": {  # read from (or written once to) the study's preprocessed scans
+                "_target_": "scripts.fast_data.cached_dataset",
+                "data": "@evaluate#datalist",
+                "transform": "@validate#preprocessing",
+                "shared_dir": str(volumes_dir(ctx)),
+            },
         }
         record["commands"].append(bundle_command([config, "evaluate.json"], None, evaluation))
         run_bundle([config, "evaluate.json"], "run", evaluation, "infer")
