@@ -16,6 +16,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import PostFix
 from scripts.errors import InputError, MissingFileError
+from scripts.options import parse_bool
 from torch import nn
 
 __all__ = [
@@ -277,7 +278,7 @@ class DistillationTrainer(LeanTrainer):
     ) -> None:
         self.distillation_loss = loss_function
         super().__init__(loss_function=self._loss, **kwargs)
-        self.kd_enabled = bool(kd_enabled)
+        self.kd_enabled = parse_bool(kd_enabled, "kd_enabled")
         self.teacher_key = teacher_key
         self.teacher: nn.Module | None = None
         if self.kd_enabled:
