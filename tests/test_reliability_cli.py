@@ -167,10 +167,15 @@ def _interrupt(cmd: list[str], state_dir: Path, sig: int) -> subprocess.Complete
     proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held = state_dir / "held"
     deadline = time.monotonic() + 300
-    while not held.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None and held.is_file(), f"the run did not hold after its first epoch: {proc.poll()}"
-    assert (state_dir / "state_checkpoint_1.pt").is_file()
+    try:
+        while not held.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and held.is_file(), f"the run did not hold after its first epoch: {proc.poll()}"
+        assert (state_dir / "state_checkpoint_1.pt").is_file()
+    except BaseException:  # never leave a held run behind: it would wait for its signal after the test is gone
+        proc.kill()
+        proc.communicate(timeout=60)
+        raise
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
