@@ -424,42 +424,47 @@ def _item(value: Any) -> float:
 
 
 def f1_macro(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """Macro F1 (ignite ``Fbeta(beta=1, average=True)``) of every prediction of a validation at once."""
-    from ignite.metrics import Fbeta
+    """Macro F1 of every prediction of a validation at once: the mean over classes of the per-class F1, as ignite's
+    ``Fbeta(beta=1, average=True)`` computes it (same epsilons).
 
+    Written with tensor operations rather than by calling ignite's metric: ``EpochMetric`` calls this on rank 0 only
+    after gathering every rank's predictions, and ignite's own metrics would then wait for an all-reduce that the
+    other ranks never join (a multi-GPU run hung at its first validation)."""
     pred, label = _scores_and_labels(pred, label)
-    metric = Fbeta(beta=1.0, average=True, device=pred.device)
-    metric.update((pred, label))
-    return _item(metric.compute())
+    classes = torch.arange(pred.shape[1], device=pred.device)
+    predicted = pred.argmax(dim=1)[:, None] == classes
+    actual = label[:, None] == classes
+    tp = (predicted & actual).sum(dim=0).double()
+    precision = tp / (predicted.sum(dim=0).double() + 1e-20)
+    recall = tp / (actual.sum(dim=0).double() + 1e-20)
+    return float((2 * precision * recall / (precision + recall + 1e-15)).mean().item())
 
 
 def accuracy(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """Accuracy (ignite ``Accuracy``) of the arg-max class over a whole validation."""
-    from ignite.metrics import Accuracy
-
+    """Accuracy of the arg-max class over a whole validation (tensor operations; see :func:`f1_macro` for why not
+    ignite's ``Accuracy``)."""
     pred, label = _scores_and_labels(pred, label)
-    metric = Accuracy(device=pred.device)
-    metric.update((pred, label))
-    return _item(metric.compute())
+    return float((pred.argmax(dim=1) == label).double().mean().item())
 
 
 def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """ROC AUC (MONAI ``ROCAUCMetric``, macro over the one-hot classes) of a whole validation."""
-    from monai.metrics import ROCAUCMetric
+    """ROC AUC (MONAI ``compute_roc_auc``, macro over the one-hot classes) of a whole validation.
+
+    MONAI's functional forms, not its ``Cumulative`` metric classes: those gather every rank's buffer when they
+    aggregate, and ``EpochMetric`` calls this on rank 0 only (see :func:`f1_macro`)."""
+    from monai.metrics import compute_roc_auc
 
     pred, label = _scores_and_labels(pred, label)
-    metric = ROCAUCMetric()
-    metric(pred, _onehot(label, pred.shape[1]))
-    return _item(metric.aggregate())
+    return _item(compute_roc_auc(pred, _onehot(label, pred.shape[1]), average="macro"))
 
 
 def _confusion(pred: torch.Tensor, label: torch.Tensor, name: str) -> float:
-    from monai.metrics import ConfusionMatrixMetric
+    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 
     pred, label = _scores_and_labels(pred, label)
-    metric = ConfusionMatrixMetric(include_background=False, metric_name=name)
-    metric(_onehot(pred.argmax(dim=1), pred.shape[1]), _onehot(label, pred.shape[1]))
-    return _item(metric.aggregate())
+    onehot = _onehot(pred.argmax(dim=1), pred.shape[1])
+    counts = get_confusion_matrix(onehot, _onehot(label, pred.shape[1]), include_background=False).sum(dim=0)
+    return _item(compute_confusion_matrix_metric(name, counts).nanmean())
 
 
 def sensitivity(pred: torch.Tensor, label: torch.Tensor) -> float:

@@ -229,8 +229,8 @@ class SharedChannelEncoder(nn.Module):
                 return torch.cat(embeddings, dim=1)
             return torch.stack(embeddings, dim=0).mean(dim=0)
         # evaluation: the K channels as K * B single-channel images through one call of the encoder
-        b, k = x.shape[:2]
-        e = self.encoder(x.reshape(b * k, 1, *x.shape[2:])).reshape(b, k, -1)
+        b, k = x.shape[0], x.shape[1]
+        e = self.encoder(x.flatten(0, 1).unsqueeze(1)).reshape(b, k, -1)
         return e.reshape(b, -1) if self.reduction == "cat" else e.mean(dim=1)
 
 

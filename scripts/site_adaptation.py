@@ -379,13 +379,12 @@ def fit_mixture(
         "bic_gain": float(bic_gain),
     }
     if bic_gain <= 0 or separation < min_separation or weights.min() < min_weight:
-        why = (
-            "one Gaussian fits the logits as well as two"
-            if bic_gain <= 0
-            else f"separation D = {separation:.2f} < {min_separation:g}"
-            if separation < min_separation
-            else f"a component holds only {weights.min():.0%} of the scans (< {min_weight:.0%})"
-        )
+        if bic_gain <= 0:
+            why = "one Gaussian fits the logits as well as two"
+        elif separation < min_separation:
+            why = f"separation D = {separation:.2f} < {min_separation:g}"
+        else:
+            why = f"a component holds only {weights.min():.0%} of the scans (< {min_weight:.0%})"
         raise SiteAdaptationRefusedError(
             f"mixture: the site's scores do not form two separated groups ({why}); the threshold cannot be fitted."
         )
@@ -587,6 +586,12 @@ class SiteAdapter:
             self.refusal = str(e)
             engine.logger.warning(f"site adaptation refused: {e}; scans scored with the in-domain statistics")
 
+    def _adabn_summary(self) -> dict[str, Any] | None:
+        """What AdaBN did (applied, scans used), or None when the method does not use it."""
+        if not self.adabn:
+            return None
+        return {"applied": self.adabn and self.refusal is None, "scans": self.adabn_scans}
+
     def _source(self) -> SourceScores | None:
         if not self.model_file or not Path(self.model_file).is_file():
             return None
@@ -605,9 +610,7 @@ class SiteAdapter:
         in_domain = source.threshold if source is not None else float(self.saver.threshold)
         out: dict[str, Any] = {
             "site_adaptation": self.spec,
-            "adabn": {"applied": self.adabn and self.refusal is None, "scans": self.adabn_scans}
-            if self.adabn
-            else None,
+            "adabn": self._adabn_summary(),
             "in_domain_threshold": in_domain,
             "model_file": self.model_file,
             "min_scans": self.min_scans,

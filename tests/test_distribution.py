@@ -21,11 +21,10 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import serve_directory, write_nifti
+from conftest import serve_directory
 from monai.bundle import ConfigParser
 from scripts.tools import package
 
@@ -342,7 +341,7 @@ def test_packaging_refuses_missing_student_weights_or_weights_url(tmp_path, caps
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.zip"))
 
 
-def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_path):
+def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_path, phantoms):
     from monai.bundle import load
 
     serve, bundles, elsewhere = tmp_path / "serve", tmp_path / "bundles", tmp_path / "elsewhere"
@@ -350,9 +349,9 @@ def test_download_over_http_then_infer_and_load_from_the_downloaded_copy(tmp_pat
         folder.mkdir()
     weights = _write_weights(serve / "weights")
     scans = tmp_path / "scans"
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        write_nifti(scans / f"scan{i}.nii.gz", rng.random((91, 109, 91)).astype(np.float32))  # the MNI 2 mm grid
+    scans.mkdir()
+    for i, phantom in enumerate(sorted((phantoms / "images").glob("*.nii*"))[:2]):  # plausible DaTscans, MNI grid
+        shutil.copy(phantom, scans / f"scan{i}.nii.gz")
 
     with serve_directory(serve) as port:
         base = f"http://127.0.0.1:{port}"
@@ -539,7 +538,7 @@ def test_torchrun_two_processes_train_the_teacher_and_only_rank0_writes(tmp_path
     bundle_root = tmp_path / "bundle"
     bundle_root.mkdir()
     _torchrun("train_teacher.json", bundle_root, phantoms, tmp_path / "logs")
-    run = _check_single_writer(bundle_root, tmp_path / "logs", "SupervisedTrainer", "teacher.pt", "train_teacher.json")
+    run = _check_single_writer(bundle_root, tmp_path / "logs", "LeanTrainer", "teacher.pt", "train_teacher.json")
     # TensorBoard scalars of the run: the training loss per iteration and the validation metrics per epoch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
