@@ -15,9 +15,12 @@ same confidence as any other, so :func:`plausibility_problems` looks at what the
   it elsewhere (left-right flips are symmetric and not detected);
 * **striatal contrast**: the template striatum is brighter than the occipital reference (mean striatal binding ratio
   above a floor that even severe PD phantoms clear); inverted intensities or noise fail this;
-* **modality**: a volume of another tracer passes only if it shares these traits. No simple feature tried (peak
-  sharpness, caudate/putamen ratio, occipital noise) separates the AV133-like phantoms from the SPECT presets
-  without flagging SPECT scans, so there is no modality check: an AV133 PET volume in MNI space is not refused.
+* **modality**: from the scan's acquisition metadata, not its content: the DICOM Modality (0008,0060) of a series'
+  first slice, or the ``Modality`` field of the JSON sidecar that dcm2niix (and BIDS) writes beside a NIfTI file
+  (``scan.nii.gz`` → ``scan.json``). A declared modality other than nuclear-medicine SPECT (``NM``, or the retired
+  ``ST``) is refused: PET (``PT``, e.g. AV133 or FDOPA), CT, MR. No image feature tried (peak sharpness,
+  caudate/putamen ratio, occipital noise) separates the AV133-like phantoms from the SPECT presets without flagging
+  SPECT scans, so a PET volume in MNI space *without* such metadata is not recognised.
 
 Thresholds are calibrated on the bundle's synthetic scans (default, benchmark and other-site SPECT presets, 356
 scans): the largest values seen are 14.8 mm (peak offset, anterior-posterior/inferior-superior), 10.3 mm (lateral)
@@ -30,8 +33,11 @@ scans; ``--allow_nonstandard_input true`` scores a flagged scan anyway, with the
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +46,14 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["THRESHOLDS", "plausibility_features", "plausibility_problems", "PlausibilityCheckd"]
+__all__ = [
+    "THRESHOLDS",
+    "SPECT_MODALITIES",
+    "declared_modality",
+    "plausibility_features",
+    "plausibility_problems",
+    "PlausibilityCheckd",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +64,78 @@ THRESHOLDS: dict[str, float] = {
     "min_striatal_ratio": 0.3,
 }
 """Limits of :func:`plausibility_problems` (see the module docstring and ``tests/test_plausibility.py``)."""
+
+
+SPECT_MODALITIES = ("NM", "ST", "SPECT")
+"""Declared modalities accepted as SPECT: DICOM's nuclear medicine (``NM``) and retired single-photon (``ST``)
+codes, and the word itself (some sidecars)."""
+
+MODALITY_NAMES = {"PT": "PET", "CT": "CT", "MR": "MR", "OT": "other"}
+
+
+def _sidecar(path: Path) -> Path:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_suffix(".json")
+
+
+def _dicom_modality(path: Path) -> str | None:
+    try:
+        import itk
+
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+        found, value = io.GetValueFromTag("0008|0060", "")
+    except Exception as e:  # an unreadable slice is reported by the loader's own checks
+        logger.debug(f"{path}: no DICOM modality read ({e})")
+        return None
+    value = str(value).strip() if found else ""
+    return value or None
+
+
+def declared_modality(path: str | os.PathLike) -> str | None:
+    """The acquisition modality a scan's metadata declare (a DICOM Modality code such as ``NM`` or ``PT``).
+
+    Read from the DICOM Modality (0008,0060) of a series' first slice (``path`` a series folder or a DICOM file),
+    or from the ``Modality`` field of the JSON sidecar beside a NIfTI file (``scan.nii.gz`` → ``scan.json``, as
+    dcm2niix and BIDS write it). None when neither exists or says; an unreadable sidecar counts as absent.
+    """
+    from scripts.dicom import dicom_files, is_dicom_file
+
+    path = Path(path)
+    if path.is_dir():
+        files = dicom_files(path)
+        return _dicom_modality(files[0]) if files else None
+    if is_dicom_file(path):
+        return _dicom_modality(path)
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        value = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality")
+    except (OSError, ValueError, AttributeError) as e:
+        logger.debug(f"{sidecar}: not a JSON sidecar ({e})")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
+def _modality_problem(meta: Mapping[str, Any] | None) -> str | None:
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    if not name or not isinstance(name, (str, os.PathLike)):
+        return None
+    modality = declared_modality(name)
+    if modality is None or modality.upper() in SPECT_MODALITIES:
+        return None
+    kind = MODALITY_NAMES.get(modality.upper(), "not SPECT")
+    return (
+        f"its metadata declare modality {modality} ({kind}), not SPECT (NM): the model was trained on DaTscan SPECT "
+        "and its operating point does not transfer to another modality (see docs/new_site.md)"
+    )
 
 
 def _world_centroid(mask: np.ndarray, affine: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -121,14 +206,15 @@ def plausibility_problems(
     Args:
         volume: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` intensities, on the grid of ``affine``.
         affine: ``(4, 4)`` voxel-to-world (MNI mm) affine.
-        meta: the image's header fields as MONAI reads them (``qform_code``, ``sform_code``), when known.
+        meta: the image's header fields as MONAI reads them (``qform_code``, ``sform_code``, ``filename_or_obj``
+            for the declared modality), when known.
         thresholds: replaces :data:`THRESHOLDS` entries.
     """
     limits = {**THRESHOLDS, **(thresholds or {})}
     problems = []
-    transform = _transform_problem(meta)
-    if transform:
-        problems.append(transform)
+    for problem in (_modality_problem(meta), _transform_problem(meta)):
+        if problem:
+            problems.append(problem)
     f = plausibility_features(volume, affine)
     if f["negative_fraction"] > limits["max_negative_fraction"]:
         problems.append(

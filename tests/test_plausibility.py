@@ -17,7 +17,8 @@ import torch
 from scripts.checkpoints import save_checkpoint
 from scripts.data import LoadScand
 from scripts.networks import Student2D
-from scripts.plausibility import PlausibilityCheckd, plausibility_problems
+from scripts.plausibility import PlausibilityCheckd, declared_modality, plausibility_problems
+from test_reliability import _dicom_series
 from test_reliability_cli import SETTINGS, _bundle, _stderr
 
 
@@ -75,6 +76,38 @@ def test_each_semantic_corruption_is_flagged(tmp_path, tiny_phantom_dataset, how
             _checked(path)
         allowed = _checked(path, allow=True)
         assert allowed["input_warnings"], how
+
+
+def _with_sidecar(source: Path, out: Path, content: str) -> Path:
+    """A copy of ``source`` and the JSON sidecar beside it (``out.nii.gz`` -> ``out.json``), as dcm2niix writes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, out)
+    out.with_name(out.name.split(".nii")[0] + ".json").write_text(content, encoding="utf-8")
+    return out
+
+
+def test_the_declared_modality_comes_from_the_dicom_tag_or_the_json_sidecar(tmp_path, tiny_phantom_dataset):
+    phantom = _phantoms(tiny_phantom_dataset)[0]
+    assert declared_modality(phantom) is None  # no metadata: nothing declared
+    assert declared_modality(_with_sidecar(phantom, tmp_path / "pet.nii.gz", '{"Modality": " PT "}')) == "PT"
+    assert declared_modality(_with_sidecar(phantom, tmp_path / "spect.nii", '{"Modality": "NM"}')) == "NM"
+    assert declared_modality(_with_sidecar(phantom, tmp_path / "broken.nii.gz", '{"Modality": ')) is None
+    assert declared_modality(_with_sidecar(phantom, tmp_path / "other.nii.gz", '["PT"]')) is None
+    pet = _dicom_series(tmp_path / "pet_series", n_slices=4, modality="PT")
+    assert declared_modality(pet) == "PT" and declared_modality(sorted(pet.iterdir())[0]) == "PT"
+    assert declared_modality(_dicom_series(tmp_path / "nm_series", n_slices=4)) == "NM"
+
+
+@pytest.mark.parametrize("modality", ["PT", "CT", "MR"])
+def test_a_scan_declared_as_another_modality_is_refused_or_flagged(tmp_path, tiny_phantom_dataset, modality):
+    phantom = _phantoms(tiny_phantom_dataset)[0]
+    path = _with_sidecar(phantom, tmp_path / "scan.nii.gz", json.dumps({"Modality": modality}))
+    with pytest.raises(Exception, match=f"does not look like .* modality {modality} .*not SPECT"):
+        _checked(path)
+    assert f"modality {modality}" in _checked(path, allow=True)["input_warnings"]
+    for spect in ("NM", "nm", "ST", "SPECT"):
+        path = _with_sidecar(phantom, tmp_path / f"{spect}.nii.gz", json.dumps({"Modality": spect}))
+        assert not _checked(path).get("input_warnings"), spect
 
 
 def test_the_gate_reaches_predictions_and_the_exit_status(tmp_path, tiny_phantom_dataset):

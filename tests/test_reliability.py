@@ -410,7 +410,7 @@ def test_a_4d_image_is_reported_with_its_real_shape(tmp_path):
     assert tuple(out["image"].shape) == (1, 91, 109, 91) and "only the first of 3 volumes" in out[WARNINGS_KEY]
 
 
-def _dicom_series(folder: Path, n_slices: int = 12) -> Path:
+def _dicom_series(folder: Path, n_slices: int = 12, modality: str = "NM") -> Path:
     """A DICOM series written slice by slice with ITK, recording each slice's position (ImagePositionPatient).
 
     GDCM's writer switches the process locale to C; the locale is restored so that later tests are unaffected.
@@ -418,12 +418,12 @@ def _dicom_series(folder: Path, n_slices: int = 12) -> Path:
     itk = pytest.importorskip("itk")
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_series(itk, folder, n_slices)
+        return _write_dicom_series(itk, folder, n_slices, modality)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_dicom_series(itk, folder: Path, n_slices: int) -> Path:
+def _write_dicom_series(itk, folder: Path, n_slices: int, modality: str = "NM") -> Path:
     folder.mkdir(parents=True)
     volume = (np.random.default_rng(0).random((n_slices, 20, 16)) * 1000).astype(np.int16)  # z, y, x
     for z in range(n_slices):
@@ -431,7 +431,7 @@ def _write_dicom_series(itk, folder: Path, n_slices: int) -> Path:
         image.SetSpacing([2.0, 2.0])
         meta = image.GetMetaDataDictionary()
         tags = {
-            "0008|0060": "NM",
+            "0008|0060": modality,
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
             "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",
             "0020|0013": str(z + 1),

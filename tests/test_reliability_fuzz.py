@@ -52,6 +52,13 @@ def _rotation(angle: float) -> np.ndarray:
     return np.array([[2 * c, -2 * s, 0, 0], [2 * s, 2 * c, 0, 0], [0, 0, 2, -72], [0, 0, 0, 1]])
 
 
+def _save_with_sidecar(path: Path, volume: np.ndarray, modality: str) -> Path:
+    """A NIfTI file and the JSON sidecar dcm2niix writes beside it, declaring ``modality``."""
+    _save(path, volume)
+    path.with_name(path.name.split(".nii")[0] + ".json").write_text(json.dumps({"Modality": modality}))
+    return path
+
+
 def _cases(folder: Path, base: np.ndarray, source: Path, rng: np.random.Generator) -> dict[str, str]:
     """Write one file per corruption (several draws of each); return ``{file name: expected outcome}``."""
     expected: dict[str, str] = {}
@@ -80,6 +87,11 @@ def _cases(folder: Path, base: np.ndarray, source: Path, rng: np.random.Generato
         add(f"no_transform_{i}.nii.gz", MUST_FAIL, lambda p: _save_without_transform(p, base))
         gamma = semantic.gamma(2.0, float(base.mean()) / 2.0, size=base.shape)
         add(f"noise_{i}.nii.gz", MUST_FAIL, lambda p, g=gamma: _save(p, g))
+        # a DaTscan image whose acquisition metadata (dcm2niix's JSON sidecar) declare another modality, and the
+        # same with SPECT declared (scored)
+        other = str(semantic.choice(["PT", "pt", " PT ", "CT", "MR"]))
+        add(f"declared_{i}.nii.gz", MUST_FAIL, lambda p, m=other: _save_with_sidecar(p, base, m))
+        add(f"declared_spect_{i}.nii.gz", MUST_SCORE, lambda p: _save_with_sidecar(p, base, "NM"))
         # broken files
         cut = int(rng.integers(10, len(raw) - 10))
         add(f"truncated_{i}.nii.gz", MUST_FAIL, lambda p, c=cut: p.write_bytes(raw[:c]))
@@ -125,7 +137,7 @@ def test_corrupted_volumes_are_scored_only_when_valid_and_never_crash_inference(
     scans = tmp_path / "scans"
     scans.mkdir()
     expected = _cases(scans, base, source, rng)
-    assert len(expected) == 72
+    assert len(expected) == 78
     root = tmp_path / "bundle"
     torch.manual_seed(0)
     settings = {"spatial_size": [32, 32, 32], "intensity": "minmax", "projection": "joint_fusion_slices"}
