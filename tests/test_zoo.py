@@ -89,7 +89,7 @@ EVAL_METRICS = {
     "synthetic_benchmark_test_f1_macro": "macro-F1",
     "synthetic_benchmark_test_roc_auc": "ROC AUC",
 }
-RESULTS_ROW = ("2D student with KD", "100 %")
+RESULTS_ROW = ("2D joint fusion slices, with KD (teacher on 100 %)", "100 %")
 
 # sections of the model zoo's readme template (docs/readme_template.md) and of its CONTRIBUTING guide
 MODEL_CARD_SECTIONS = (
