@@ -16,6 +16,7 @@ Metrics are read at the in-domain operating point (Youden's J on the validation 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -672,6 +673,11 @@ def _centres(b: _Builder, key: str) -> str:
     return "\n\n".join(lines)
 
 
+def _recipe(command: str) -> str:
+    """``command`` without ``--max-cells N``: a run stopped after N cells and resumed is one recipe."""
+    return re.sub(r"\s--max-cells(?:=|\s+)\S+", "", command)
+
+
 def write_report(
     run_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -699,7 +705,7 @@ def write_report(
         return f"\n\n![{caption}]({os.path.relpath(path, out.parent)})"
 
     hardware, wall, cpu = _hardware(res)
-    commands = list(dict.fromkeys(i["command"] for i in res.study.get("invocations", [])))  # a resume repeats one
+    commands = list(dict.fromkeys(_recipe(i["command"]) for i in res.study.get("invocations", [])))  # resumes repeat
     claims, _ = _claims(b)
     main = b.main_table(key)
     kd_rows, teacher_rows = b.kd_rows(key), b.teacher_rows(key)
