@@ -35,7 +35,15 @@ __all__ = [
     "roc_auc",
     "sensitivity",
     "specificity",
+    "SELECTION_METRICS",
 ]
+
+SELECTION_METRICS = ("f1_macro", "auc", "accuracy")
+"""Validation metrics a training run may select its best checkpoint (and stop early) by: the ``selection_metric``
+option; ``validate#metrics`` in ``configs/train_teacher.json`` holds them. ``f1_macro`` and ``accuracy`` score the
+arg-max class, so a network that still calls every validation scan PD scores the same epoch after epoch and the
+first such epoch is kept; ``auc`` (ROC AUC) is threshold-free and moves with the ranking, which is what the
+operating point chosen on validation uses (the study's low-data cells select by it)."""
 
 
 def atomic_write_json(path: str | os.PathLike, content: object) -> None:

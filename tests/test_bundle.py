@@ -104,9 +104,15 @@ def test_distill_trains_every_projection(trained, dataset, projection):
 
 
 def test_distill_without_kd_is_saved_separately(trained, dataset):
-    _run(["distill.json"], trained, dataset, kd_enabled=False, max_epochs=1, run_name="nokd")
+    _run(["distill.json"], trained, dataset, kd_enabled=False, max_epochs=1, run_name="nokd", selection_metric="auc")
     assert (trained / "eval" / "nokd" / "model_nokd.pt").is_file()
     assert (trained / "models" / "model_nokd.pt").is_file()
+    from scripts.checkpoints import read_checkpoint
+
+    # --selection_metric picks the key metric: the checkpoint records ROC AUC as what selected it
+    _, info = read_checkpoint(trained / "eval" / "nokd" / "model_nokd.pt", "run")
+    assert info["validation"]["metric"] == "val_auc"
+    assert "val_f1_macro" in _metrics_csv(trained / "eval" / "nokd" / "validation" / "metrics.csv")
 
 
 def test_distill_stops_with_a_clear_message_without_a_teacher(dataset, tmp_path):

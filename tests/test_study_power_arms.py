@@ -75,3 +75,14 @@ def test_low_data_matrices():
     assert len({c.seed for c in low}) == 10 and any(c.label_noise == 0.05 for c in cpu)
     # --seeds sets every part's seeds.
     assert {c.seed for c in matrix.build_cells(matrix.preset("cpu", seeds=2))} <= {0, 1, 2}
+
+
+def test_low_data_cells_train_as_many_steps_and_select_by_roc_auc():
+    settings = {"max_epochs": 15, "patience": 15, "batch_size": 16}
+    full = matrix.Cell("student", 0, "single_slice", False)
+    assert full.schedule(settings) == settings and "selection_metric" not in full.overrides()
+    small = matrix.Cell("student", 0, "single_slice", False, fraction=0.1111)
+    assert small.schedule(settings) == {"max_epochs": 136, "patience": 136, "batch_size": 16}  # 15 / 0.1111
+    assert small.overrides()["selection_metric"] == "auc"
+    tiny = matrix.Cell("teacher", fraction=0.01)  # capped
+    assert tiny.schedule(settings)["max_epochs"] == 15 * matrix.LOW_DATA_MAX_EPOCH_FACTOR

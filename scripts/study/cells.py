@@ -273,7 +273,7 @@ def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
         "progress_bar": False,
         "shared_cache_dir": str(volumes_dir(ctx)),
         **ctx.settings,
-        **kind_settings,
+        **cell.schedule(kind_settings),
         **cell.overrides(),
     }
     teacher = cell.teacher(ctx.n_teachers)
@@ -283,7 +283,8 @@ def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
 
 
 def best_checkpoint(run_dir: str | os.PathLike, cell: Cell) -> Path:
-    """The cell's own best checkpoint (by validation F1), written by the training run's ``CheckpointSaver``."""
+    """The cell's own best checkpoint (by the validation ``selection_metric``), written by the training run's
+    ``CheckpointSaver``."""
     name = "teacher.pt" if cell.kind == "teacher" else ("model.pt" if cell.kd else "model_nokd.pt")
     return cell_dir(run_dir, cell) / "eval" / "train" / name
 
@@ -294,7 +295,8 @@ def _validation_log(workflow) -> dict:
     evaluator = parser.get_parsed_content("validate#evaluator")
     return {
         "epochs": int(trainer.state.epoch),
-        "best_val_f1_macro": float(evaluator.state.best_metric),
+        "selection_metric": str(evaluator.state.key_metric_name),
+        "best_val_metric": float(evaluator.state.best_metric),
         "best_epoch": int(evaluator.state.best_metric_epoch),
     }
 

@@ -12,7 +12,9 @@ set. The matrix of a study is the union of
 * **ablation** (default projection, KD): every loss variant of :data:`VARIANTS` × seeds;
 * **low data**: every training fraction × {teacher, KD, no-KD} × seeds on each low-data projection (by default
   the default projection; ``single_slice`` sees the least and has the most to gain). The validation split shrinks
-  with the training fraction, down to :data:`VALIDATION_FLOOR` subjects (:func:`validation_subset`);
+  with the training fraction, down to :data:`VALIDATION_FLOOR` subjects (:func:`validation_subset`); a model of
+  a fraction below 1 trains for about as many optimiser steps as at full data (:meth:`Cell.schedule`) and keeps
+  the checkpoint with the best validation ROC AUC (:data:`LOW_DATA_SELECTION_METRIC`);
 * **label noise**: students trained on ``noise_fraction`` of the training subjects with a share of their labels
   flipped (:func:`training_subset`), KD (from the full-data teacher, trained on clean labels) vs no-KD;
 * **centre**: the default projection with ``slice_centre: auto`` instead of the fixed template centre, × {KD,
@@ -37,6 +39,7 @@ Pairing of seeds
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -101,6 +104,14 @@ VALIDATION_FLOOR = 24
 """Fewest validation subjects of a low-data model. A centre with ``f`` of the training subjects has about ``f`` of
 the validation subjects too; below 24 (about 7 HC at 30 % HC), the best checkpoint and the Youden operating point
 would be chosen on a handful of controls, so the validation split stops shrinking there."""
+
+
+LOW_DATA_SELECTION_METRIC = "auc"
+"""Validation metric that picks a low-data model's best checkpoint: ROC AUC, as with a few dozen training scans
+macro-F1 at the arg-max stays at its always-PD value for many epochs (see ``scripts.handlers.SELECTION_METRICS``)."""
+
+LOW_DATA_MAX_EPOCH_FACTOR = 20
+"""Most a low-data training's epochs (and patience) are multiplied by (:meth:`Cell.schedule`)."""
 
 
 def validation_subset(datalist_file: str, fraction: float = 1.0, floor: int = VALIDATION_FLOOR, seed: int = 0):
@@ -219,6 +230,7 @@ class Cell:
             return {}
         out = {"seed": self.seed, "train_fraction": self.fraction, "intensity": self.intensity}
         if self.fraction < 1.0:
+            out["selection_metric"] = LOW_DATA_SELECTION_METRIC
             out["validate#datalist"] = {
                 "_target_": "scripts.study.matrix.validation_subset",
                 "datalist_file": "@datalist_file",
@@ -239,6 +251,16 @@ class Cell:
             if self.kd:
                 out.update(VARIANTS[self.variant])
         return out
+
+    def schedule(self, settings: dict) -> dict:
+        """``settings`` (``max_epochs``, ``patience``) of a training on ``fraction`` of the subjects, so that it takes
+        about as many optimiser steps as the full-data training: epochs scaled by ``1 / fraction``, at most
+        :data:`LOW_DATA_MAX_EPOCH_FACTOR` times. With the full-data epoch count a network trained on 20 scans makes a
+        few dozen steps and never leaves its initial "everything is PD" state."""
+        if self.fraction >= 1.0:
+            return dict(settings)
+        factor = min(1.0 / self.fraction, LOW_DATA_MAX_EPOCH_FACTOR)
+        return {k: (math.ceil(v * factor) if k in ("max_epochs", "patience") else v) for k, v in settings.items()}
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
