@@ -10,6 +10,7 @@ asking for more GPUs than a node has fails before any cell runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -78,7 +79,10 @@ def gpu_standin(ctx, cell) -> dict:
     beside: dict[str, str] = {}
     most, deadline = 0, time.monotonic() + 60
     while True:
-        now = {p.name: p.read_text() for p in running.iterdir()}
+        now = {}
+        for p in running.iterdir():  # a teacher that finished may remove its mark between listing and reading
+            with contextlib.suppress(FileNotFoundError):
+                now[p.name] = p.read_text()
         most = max(most, len(now))
         beside.update({name: d for name, d in now.items() if name != cell.name})
         last = len(list(started.iterdir())) >= ctx.n_teachers  # nobody left to wait for
