@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,11 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
 os.environ.setdefault("MONAI_FAIL_ON_DUPLICATE_CONFIG", "1")
+# A shell without job control starts a background command (`make test &`, a CI runner) with SIGINT ignored, and the
+# processes it starts inherit that: the tests that press Ctrl-C on a run (this process or a child) would wait for
+# an interruption that never comes. Restore Python's handler; children then start with SIGINT at its default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # the MNI 2 mm grid affine (FSL convention): x is stored right-to-left
 MNI_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
