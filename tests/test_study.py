@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,6 +297,25 @@ def test_report_and_figures_render_with_the_right_rows(tiny_study, tmp_path):
 def test_the_run_folder_keeps_its_settings(tiny_study):
     with pytest.raises(SystemExit, match="student"):
         _run(*tiny_study["args"], "--student-epochs", "3")
+
+
+def test_a_run_folder_made_under_other_cell_rules_is_not_extended(tiny_study, tmp_path):
+    """A folder whose cells were configured by other rules (here: low-data checkpoints picked by macro-F1, as
+    before the study selected them by ROC AUC) is not mixed with new cells; its results stay readable."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_study["run_dir"], run_dir)
+    study = StudyFile(run_dir / "study.json")
+    content = study.read()
+    content["settings"]["cell_rules"]["low_data_selection_metric"] = "f1_macro"
+    study.write(content)
+    args = list(tiny_study["args"])
+    args[args.index("--run-dir") + 1] = str(run_dir)
+    with pytest.raises(SystemExit, match="configures its cells differently.*choose another --run-dir"):
+        _run(*args)
+    del content["settings"]["cell_rules"]  # a folder from before the rules were recorded
+    study.write(content)
+    with pytest.raises(SystemExit, match="configures its cells differently"):
+        _run(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ __all__ = [
     "slice_based",
     "count_cells",
     "VALIDATION_FLOOR",
+    "cell_rules",
     "validation_subset",
     "training_subset",
 ]
@@ -112,6 +113,17 @@ macro-F1 at the arg-max stays at its always-PD value for many epochs (see ``scri
 
 LOW_DATA_MAX_EPOCH_FACTOR = 20
 """Most a low-data training's epochs (and patience) are multiplied by (:meth:`Cell.schedule`)."""
+
+
+def cell_rules() -> dict:
+    """How this version of the study configures a cell beyond the user's settings (low-data validation floor,
+    checkpoint selection and schedule). Kept in ``study.json``: a run folder made under other rules would mix
+    cells trained differently, so it is not extended (:meth:`scripts.study.results.StudyFile.check`)."""
+    return {
+        "validation_floor": VALIDATION_FLOOR,
+        "low_data_selection_metric": LOW_DATA_SELECTION_METRIC,
+        "low_data_max_epoch_factor": LOW_DATA_MAX_EPOCH_FACTOR,
+    }
 
 
 def validation_subset(datalist_file: str, fraction: float = 1.0, floor: int = VALIDATION_FLOOR, seed: int = 0):

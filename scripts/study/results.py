@@ -117,6 +117,13 @@ class StudyFile:
         if content is None:
             return
         old = content.get("settings", {})
+        if old.get("cell_rules") != settings.get("cell_rules"):
+            raise SettingsMismatchError(
+                f"run folder {self.path.parent} was made by a version of the study that configures its cells "
+                f"differently ({old.get('cell_rules')!r} there, {settings.get('cell_rules')!r} now); new cells would "
+                "not be comparable with its finished ones: choose another --run-dir (its results and report stay "
+                "readable)."
+            )
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)

@@ -45,7 +45,16 @@ from pathlib import Path
 
 from scripts.study.cells import BUNDLE_ROOT, StudyContext, cell_dir, run_cell
 from scripts.study.executors import EXECUTORS, CellPlan, make_executor
-from scripts.study.matrix import PRESETS, TEACHER_FRACTIONS, VARIANTS, Cell, build_cells, count_cells, preset
+from scripts.study.matrix import (
+    PRESETS,
+    TEACHER_FRACTIONS,
+    VARIANTS,
+    Cell,
+    build_cells,
+    cell_rules,
+    count_cells,
+    preset,
+)
 from scripts.study.results import ResultsFile, SettingsMismatchError, StudyFile
 
 __all__ = ["main", "prepare_data", "context_from_study"]
@@ -264,6 +273,7 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
         "n_teachers": spec.teachers,
         "datasets": datasets,
         "prevalence": {k: float(v) for k, v in args.prevalence.items()},
+        "cell_rules": cell_rules(),
     }
     try:
         study.check(settings)
