@@ -69,7 +69,8 @@ class Option:
     """What one option accepts.
 
     Args:
-        kind: ``"bool"``, ``"int"``, ``"float"``, ``"str"``, ``"choice"`` or ``"size3"`` (three integers).
+        kind: ``"bool"``, ``"int"``, ``"float"``, ``"str"``, ``"name"`` (one folder name: no path separator, not
+            ``.`` or ``..``), ``"choice"`` or ``"size3"`` (three integers).
         minimum / maximum: inclusive bounds of a number (or of each integer of a ``"size3"``).
         above: exclusive lower bound of a number.
         choices: the accepted values of a ``"choice"`` (a callable returning them is read lazily).
@@ -91,6 +92,8 @@ class Option:
             return "true or false"
         if self.kind == "str":
             return "a string (empty for none)" if self.empty else "a non-empty string"
+        if self.kind == "name":
+            return "a folder name (no '/', not '.' or '..')"
         if self.kind == "device":
             return "a device this machine has (cpu, cuda, cuda:0...)"
         if self.kind == "choice":
@@ -196,7 +199,7 @@ OPTIONS: dict[str, Option] = {
     "checkpoint_name": Option("str"),
     "shared_cache_dir": Option("str", empty=True),
     "persistent_cache_dir": Option("str", empty=True),
-    "run_name": Option("str"),
+    "run_name": Option("name", hint="(the run's folder is eval/<run_name> under the bundle root)"),
     "output_dir": Option("str"),
     "input": Option("str"),
     "input_split": Option("str"),
@@ -258,6 +261,10 @@ def check_value(name: str, value: Any, option: Option | None = None) -> Any:
             raise fail() from None
     if option.kind == "str":
         if not isinstance(value, str) or not (value.strip() or (option.empty and value == "")):
+            raise fail()
+        return value
+    if option.kind == "name":
+        if not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
             raise fail()
         return value
     if option.kind == "device":

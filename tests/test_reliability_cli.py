@@ -133,6 +133,15 @@ def _datalist_with_a_broken_scan(tmp_path: Path, data: Path, split: str) -> Path
     return path
 
 
+@pytest.mark.parametrize("name", ["../../outside", "a/b", ".."])
+def test_a_run_name_is_one_folder_inside_eval(tmp_path, name):
+    root = tmp_path / "root"
+    result = _bundle("run", "training", "--config_file", "configs/train_teacher.json", "--bundle_root", str(root),
+                     "--run_name", name, timeout=120)  # fmt: skip
+    _assert_one_line(result, f"error: option --run_name expects a folder name (no '/', not '.' or '..'), got {name!r}")
+    assert not any(tmp_path.iterdir())  # nothing written, inside the bundle root or outside it
+
+
 def test_an_error_during_evaluation_is_one_line_without_tracebacks(tmp_path, data, student_root):
     datalist = _datalist_with_a_broken_scan(tmp_path, data, "test")
     configs = "['configs/distill.json','configs/evaluate.json']"
