@@ -36,7 +36,16 @@ from monai.bundle.reference_resolver import ReferenceResolver
 from monai.utils import look_up_option
 from scripts.errors import InputError
 
-__all__ = ["Option", "OPTIONS", "OptionError", "parse_bool", "check_value", "check_options", "calling_parser"]
+__all__ = [
+    "Option",
+    "OPTIONS",
+    "OptionError",
+    "parse_bool",
+    "check_value",
+    "check_options",
+    "check_overrides",
+    "calling_parser",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +451,36 @@ def _check_synthetic(values: Mapping[str, Any]) -> None:
             f"option --synthetic_subjects expects an integer >= {needed} for --synthetic_preset {preset} (each split "
             f"needs subjects of both classes), got {n}."
         )
+
+
+def check_overrides(overrides: Mapping[str, Any], source: str = "--set") -> dict[str, Any]:
+    """Check overrides given to the bundle's configs from outside a config run (the study's ``--set KEY=VALUE``)
+    as :func:`check_options` checks a run's options, before anything runs: an id that no config defines is refused
+    with the closest one, a value by its option. ``key#sub`` paths are checked by their top-level id.
+
+    Returns:
+        the overrides with their values normalised (``"false"`` -> ``False``).
+
+    Raises:
+        OptionError: naming ``source``, the key and the problem.
+    """
+    defined = _defined_ids()
+    names = {**inferred_options(defined), **OPTIONS}
+    out = {}
+    for key, value in overrides.items():
+        top = key.split("#", 1)[0]
+        if top not in defined and top not in names:
+            close = difflib.get_close_matches(top, sorted(k for k in defined if not k.startswith("_")), n=1)
+            suggestion = f"; did you mean {close[0]}?" if close else "; see the options in docs/troubleshooting.md."
+            raise OptionError(f"{source} {key}={value}: {top} is not an option of this bundle{suggestion}")
+        if top != key or top not in names or _is_config_expression(value):
+            out[key] = value
+            continue
+        try:
+            out[key] = check_value(top, value, names[top])
+        except OptionError as e:
+            raise OptionError(f"{source} {key}={value}: {e}") from None
+    return out
 
 
 def check_options(parser: ConfigParser | None = None, options: Iterable[str] | None = None) -> dict[str, Any]:

@@ -73,6 +73,33 @@ def test_one_study_at_a_time_per_run_folder(tmp_path):
         pass
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--set", "max_epoch=3"],
+            "--set max_epoch=3: max_epoch is not an option of this bundle; did you mean max_epochs?",
+        ),
+        (["--set", "max_epochs=abc"], "--set max_epochs=abc: option --max_epochs expects an integer >= 1, got 'abc'."),
+        (["--set", "amp=maybe"], "--set amp=maybe: option --amp expects true or false"),
+        (["--external", "a/b=x"], "--external a/b=...: a set's name has letters, digits"),
+    ],
+)
+def test_a_study_option_every_cell_would_fail_on_is_refused_before_anything_runs(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "--matrix", "demo", "--run-dir", str(tmp_path / "run"), *options])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
+    afile = tmp_path / "results"
+    afile.write_text("mine")
+    with pytest.raises(SystemExit, match=f"error: --run-dir {afile}: cannot use it as a study folder"):
+        main(["run", "--matrix", "demo", "--run-dir", str(afile), "--max-cells", "0"])
+    assert afile.read_text() == "mine"
+
+
 def test_cells_are_unique_and_teachers_come_before_their_students():
     spec = preset("cpu")
     cells = build_cells(spec)

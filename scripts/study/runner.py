@@ -36,6 +36,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -43,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from scripts.options import OptionError, check_overrides
 from scripts.study.cells import BUNDLE_ROOT, StudyContext, cell_dir, run_cell
 from scripts.study.executors import EXECUTORS, CellPlan, make_executor
 from scripts.study.matrix import (
@@ -179,8 +181,12 @@ def _check_dependencies(todo: Sequence[Cell], done: set[str], n_teachers: int) -
 def exclusive(run_dir: Path) -> Iterator[None]:
     """Hold ``<run dir>/.lock`` (an OS file lock, released when the process ends however it ends): two studies
     writing to one folder would run the same cells twice."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "w")  # noqa: SIM115 - closed by the with block below
+    except OSError as e:
+        raise SystemExit(f"error: --run-dir {run_dir}: cannot use it as a study folder ({e.strerror}).") from None
+    with handle:
         try:
             import fcntl
 
@@ -496,7 +502,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_cells = args.ray_address = args.gpus_per_teacher = args.gpus_per_student = args.cpus_per_task = None
         return cmd_run(args, parser)
     args.external = _pairs(args.external, "--external", parser)
+    for name in args.external:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            parser.error(
+                f"--external {name}=...: a set's name has letters, digits, '_', '.', '-' only (it names folders)."
+            )
     args.set = _pairs(args.set, "--set", parser)
+    try:
+        check_overrides({k: _parse_value(v) for k, v in args.set.items()})
+    except OptionError as e:
+        parser.error(str(e))
     args.prevalence = _pairs(args.prevalence, "--prevalence", parser)
     for name, value in args.prevalence.items():
         try:
