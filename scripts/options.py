@@ -418,11 +418,19 @@ def _check_projection(values: Mapping[str, Any]) -> None:
     except (ValueError, TypeError) as e:
         raise OptionError(f"projection settings: {e}") from None
     size = values.get("spatial_size")
-    if "views" in transform.spec.name and isinstance(size, list) and len(set(size)) > 1:
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(n, int) for n in size)):
+        return
+    if "views" in transform.spec.name and len(set(size)) > 1:
         raise OptionError(
             f"option --projection {transform.spec.name} stacks three views as channels and needs a cubic grid; "
             f"--spatial_size is {size} (use e.g. [64,64,64])."
         )
+    import torch
+
+    try:  # what fits the working grid (slices, centre) is known before any scan is read
+        transform(torch.rand(1, *size, generator=torch.Generator().manual_seed(0)))
+    except ValueError as e:
+        raise OptionError(f"projection settings on the --spatial_size {size} grid: {e}") from None
 
 
 def minimum_subjects(preset: str = "default") -> int:

@@ -142,6 +142,21 @@ def test_a_run_name_is_one_folder_inside_eval(tmp_path, name):
     assert not any(tmp_path.iterdir())  # nothing written, inside the bundle root or outside it
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--num_slices", "99"], "99 adjacent slices are needed along z for the axial view"),
+        (["--slice_centre", "31"], "centre 31 for the axial view is outside the volume or too close to its border"),
+    ],
+)
+def test_projection_settings_that_do_not_fit_the_grid_are_one_line_before_any_scan_is_read(tmp_path, data, options,
+                                                                                           message):  # fmt: skip
+    result = _bundle("run", "training", "--config_file", "configs/distill.json", "--bundle_root", str(tmp_path),
+                     "--dataset_dir", str(data), "--kd_enabled", "false", *options, *TINY)  # fmt: skip
+    _assert_one_line(result, "projection settings on the --spatial_size [32, 32, 32] grid: ", message)
+    assert not (tmp_path / "eval").exists()
+
+
 def test_an_error_during_evaluation_is_one_line_without_tracebacks(tmp_path, data, student_root):
     datalist = _datalist_with_a_broken_scan(tmp_path, data, "test")
     configs = "['configs/distill.json','configs/evaluate.json']"
