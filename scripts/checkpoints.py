@@ -35,6 +35,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import re
 import shlex
 import sys
@@ -158,6 +159,8 @@ def read_checkpoint(path: str | os.PathLike, role: str = "model") -> tuple[dict,
         InputError: the file is not a readable PyTorch state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{role} checkpoint {path} is a folder; give the checkpoint file (e.g. {path}/model.pt).")
     if not path.is_file():
         kind = "teacher" if "teacher" in path.name else "student"
         raise MissingFileError(f"{role} checkpoint {path} not found. Train it first: {TRAIN_COMMANDS[kind]}")
@@ -165,6 +168,8 @@ def read_checkpoint(path: str | os.PathLike, role: str = "model") -> tuple[dict,
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its name
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if isinstance(e, pickle.UnpicklingError):  # torch's advice on weights_only is not for this case
+            reason = "not a file torch.save wrote, or holds objects other than tensors"
         raise InputError(
             f"{role} checkpoint {path} could not be read ({type(e).__name__}: {reason}); the file is damaged or not "
             "a PyTorch checkpoint. Restore it (models/previous/ keeps the last replaced one) or retrain."

@@ -251,6 +251,12 @@ def test_a_wrong_missing_or_damaged_checkpoint_is_one_line(tmp_path):
     damaged.write_bytes(_student_checkpoint(tmp_path / "ok.pt").read_bytes()[:5000])
     with pytest.raises(InputError, match=r"damaged.pt could not be read \(.*\); the file is damaged"):
         check_checkpoint(damaged, parser=parser)
+    with pytest.raises(InputError, match=r"checkpoint .* is a folder; give the checkpoint file"):
+        check_checkpoint(tmp_path, parser=parser)
+    other = tmp_path / "datalist.json"  # another kind of file: no advice about torch.load's arguments
+    other.write_text('{"training": []}')
+    with pytest.raises(InputError, match=r"datalist.json could not be read \(UnpicklingError: not a file torch.save"):
+        check_checkpoint(other, parser=parser)
 
 
 def test_a_teacher_trained_on_another_grid_is_refused_for_distillation(tmp_path):
