@@ -73,3 +73,22 @@ def test_generated_tables_equal_the_report(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="no .* block"):
         report.write_tables(report.StudyResults.load(run_dir), [readme, bare])
     assert bare.read_text() == "no markers\n"
+
+
+def test_the_low_data_claim_is_measured_on_the_low_data_projection_beside_a_full_data_pair_of_another(run_dir):
+    """Claim (5) with full-data pairs of the default projection only and a low-data sweep of ``single_slice``: the
+    single-slice KD − no-KD at the smallest fraction is measured, not reported as missing."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(60, int), np.ones(140, int)]
+    extra = []
+    for s in range(4):
+        extra += [
+            Cell("student", s, "joint_fusion_slices", True, "fg+lg", 1.0, 1.0),
+            Cell("student", s, "joint_fusion_slices"),
+        ]
+    with (run_dir / "results.jsonl").open("a") as f:
+        f.write("".join(json.dumps(_record(c, 0.5, rng, labels)) + "\n" for c in extra))
+    table, verdicts = report._claims(report._Builder(report.StudyResults.load(run_dir)))
+    row = next(line for line in table.splitlines() if line.startswith("| (5)"))
+    assert "single slice at 0.0556 of the training subjects (full-data teacher): KD − no-KD ROC AUC" in row
+    assert verdicts[5] in ("supported", "not shown", "contradicted")

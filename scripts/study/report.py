@@ -429,53 +429,43 @@ def _claims(b: _Builder) -> tuple[str, dict]:
     rows.append(["(4) L_fg matters more than L_lg", detail, verdict])
     verdicts[4] = verdict
 
-    # (5) KD helps most when labelled data are scarce
+    # (5) KD helps most when labelled data are scarce: per low-data projection, the KD gain at the smallest fraction
+    # minus the gain at full data when that projection has a full-data pair, else KD − no-KD at the smallest fraction
     fractions = sorted({c.fraction for c in res.cells.values() if c.kind == "student" and c.fraction < 1})
     low_projections = sorted(
         {c.projection for c in res.cells.values() if c.kind == "student" and c.fraction < 1},
         key=lambda p: (p != b.p0, p),
     )
-    if fractions and not (b.kd() and b.nokd()):
-        # No full-data pair (a low-data-only matrix): KD − no-KD at the smallest fraction, per low-data projection.
-        f, details, found = fractions[0], [], []
-        for p in low_projections:
-            tf = f if b.kd(p, fraction=f, teacher_fraction=f) else 1.0
-            c = b.compare(b.kd(p, fraction=f, teacher_fraction=tf), b.nokd(p, fraction=f), key)
+    details, found = [], []
+    for p in low_projections if fractions else ():
+        f = fractions[0]
+        tf = f if b.kd(p, fraction=f, teacher_fraction=f) else 1.0
+        teacher = "teacher on the same fraction" if tf == f else "full-data teacher"
+        low_kd, low_nokd = b.kd(p, fraction=f, teacher_fraction=tf), b.nokd(p, fraction=f)
+        if b.kd(p) and b.nokd(p):
+            groups = (low_kd, low_nokd, b.kd(p), b.nokd(p))
+            c = paired_comparison(_diffs(groups[0], groups[1], key), _diffs(groups[2], groups[3], key))
             if c is not None:
-                teacher = "teacher on the same fraction" if tf == f else "full-data teacher"
-                details.append(f"{_short(p)} at {f:g} of the training subjects ({teacher}): KD − no-KD ROC AUC "
-                               f"{_with_power(c)}")  # fmt: skip
-                found.append(_decide(c))
+                records = [[g.get(s) for g in groups] for s, _ in c.pairs]
+                c = _with_contrast_ci(c, records, (1.0, -1.0, -1.0, 1.0), key)
+            what = f"{_short(p)}: KD gain in ROC AUC at {f:g} of the training subjects ({teacher}) minus gain at 1"
+        else:
+            c = b.compare(low_kd, low_nokd, key)
+            what = f"{_short(p)} at {f:g} of the training subjects ({teacher}): KD − no-KD ROC AUC"
+        if c is not None:
+            details.append(f"{what} {_with_power(c)}")
+            found.append(_decide(c))
+    if not fractions:
+        verdict, detail = "not measured", "no low-data sweep"
+    else:
         verdict = (
             "supported"
             if found and all(v == "supported" for v in found)
             else ("contradicted" if "contradicted" in found else ("not shown" if found else "not measured"))
         )
-        rows.append(["(5) KD helps when labelled data are scarce", "; ".join(details) or "no pair", verdict])
-        verdicts[5] = verdict
-    elif fractions and b.kd() and b.nokd():
-        f = fractions[0]
-        tf = f if b.kd(fraction=f, teacher_fraction=f) else 1.0
-        groups = (b.kd(fraction=f, teacher_fraction=tf), b.nokd(fraction=f), b.kd(), b.nokd())
-        gain_low = _diffs(groups[0], groups[1], key)
-        gain_full = _diffs(groups[2], groups[3], key)
-        c = paired_comparison(gain_low, gain_full)
-        if c is not None:
-            records = [[g.get(s) for g in groups] for s, _ in c.pairs]
-            c = _with_contrast_ci(c, records, (1.0, -1.0, -1.0, 1.0), key)
-        if c is None:
-            verdict, detail = "not measured", "no paired gains"
-        else:
-            verdict = _decide(c)
-            teacher = "teacher trained on the same fraction" if tf == f else "full-data teacher"
-            detail = (
-                f"KD gain in ROC AUC at {f:g} of the training subjects ({teacher}) minus gain at 1: {_with_power(c)}"
-            )
-    else:
-        verdict, detail = "not measured", "no low-data sweep"
-    if 5 not in verdicts:
-        rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
-        verdicts[5] = verdict
+        detail = "; ".join(details) or "no KD / no-KD pair at a low-data fraction"
+    rows.append(["(5) KD helps most when labelled data are scarce", detail, verdict])
+    verdicts[5] = verdict
     header = ["claim", "measured (paired; 95 % CI over seeds × test scans; sign-flip p over seeds)", "verdict"]
     return _table(header, rows), verdicts
 
