@@ -326,6 +326,21 @@ def test_the_run_folder_keeps_its_settings(tiny_study):
         _run(*tiny_study["args"], "--student-epochs", "3")
 
 
+def test_publish_prints_the_inference_command_that_serves_the_published_models(tiny_study, tmp_path):
+    models = tmp_path / "models"
+    out = _run(*tiny_study["args"], "--publish", str(models))
+    assert (models / "model.pt").is_file() and (models / "teacher.pt").is_file()
+    line = next(x for x in out.splitlines() if x.startswith("Score scans with it: "))
+    command = shlex.split(line.split(": ", 1)[1])
+    assert command[:6] == ["python", "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, *command[1:], "--bundle_root", str(tmp_path)], cwd=BUNDLE_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (predictions,) = (tmp_path / "eval").glob("inference-*/predictions.csv")
+    assert len(predictions.read_text().splitlines()) > 1
+
+
 def test_a_run_folder_made_under_other_cell_rules_is_not_extended(tiny_study, tmp_path):
     """A folder whose cells were configured by other rules (here: low-data checkpoints picked by macro-F1, as
     before the study selected them by ROC AUC) is not mixed with new cells; its results stay readable."""

@@ -313,9 +313,24 @@ def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path)
 
     report = write_report(run_dir, run_dir / "report.md", run_dir / "figures", figures=not args.no_figures)
     print(f"\n{report.summary}\n\nReport: {run_dir / 'report.md'}")
-    if getattr(args, "publish", None):
-        publish_models(run_dir, cells, spec.teachers, Path(args.publish))
+    if getattr(args, "publish", None) and publish_models(run_dir, cells, spec.teachers, Path(args.publish)):
+        print(f"Score scans with it: {inference_command(next(iter(datasets.values())), Path(args.publish))}")
     return 0
+
+
+def inference_command(datalist: str, models_dir: Path) -> str:
+    """The inference command that serves the models published to ``models_dir`` on the test split of
+    ``datalist`` (paths relative to the working directory where they lie under it)."""
+
+    def shown(path: Path) -> str:
+        path = path.resolve()
+        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+    args = ["python", "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    args += ["--input", shown(Path(datalist))]
+    if models_dir.resolve() != (BUNDLE_ROOT / "models").resolve():
+        args += ["--model_file", shown(models_dir / "model.pt"), "--teacher_ckpt", shown(models_dir / "teacher.pt")]
+    return shlex.join(args)
 
 
 def published_cells(cells: Sequence[Cell], n_teachers: int) -> tuple[Cell, Cell] | None:
