@@ -461,6 +461,12 @@ def _check_synthetic(values: Mapping[str, Any]) -> None:
         )
 
 
+def _did_you_mean(key: str, valid: Iterable[str], prefix: str = "--") -> str:
+    """The end of an unknown-option message: the closest valid id, or where the options are listed."""
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else "; see the options in docs/troubleshooting.md."
+
+
 def check_overrides(overrides: Mapping[str, Any], source: str = "--set") -> dict[str, Any]:
     """Check overrides given to the bundle's configs from outside a config run (the study's ``--set KEY=VALUE``)
     as :func:`check_options` checks a run's options, before anything runs: an id that no config defines is refused
@@ -478,8 +484,7 @@ def check_overrides(overrides: Mapping[str, Any], source: str = "--set") -> dict
     for key, value in overrides.items():
         top = key.split("#", 1)[0]
         if top not in defined and top not in names:
-            close = difflib.get_close_matches(top, sorted(k for k in defined if not k.startswith("_")), n=1)
-            suggestion = f"; did you mean {close[0]}?" if close else "; see the options in docs/troubleshooting.md."
+            suggestion = _did_you_mean(top, [k for k in defined if not k.startswith("_")], prefix="")
             raise OptionError(f"{source} {key}={value}: {top} is not an option of this bundle{suggestion}")
         if top != key or top not in names or _is_config_expression(value):
             out[key] = value
@@ -531,8 +536,7 @@ def check_options(parser: ConfigParser | None = None, options: Iterable[str] | N
     if unknown:
         valid = sorted(k for k in set(defined) | set(config) if k not in unknown and not k.startswith("_"))
         key = unknown[0]
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        suggestion = f"; did you mean --{close[0]}?" if close else "; see the options in docs/troubleshooting.md."
+        suggestion = _did_you_mean(key, valid)
         more = f" (also unknown: {', '.join('--' + k for k in unknown[1:])})" if len(unknown) > 1 else ""
         raise OptionError(f"--{key} is not an option of this bundle{suggestion}{more}")
     for key in ignored:

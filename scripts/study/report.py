@@ -437,7 +437,7 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         key=lambda p: (p != b.p0, p),
     )
     details, found = [], []
-    for p in low_projections if fractions else ():
+    for p in low_projections:
         f = fractions[0]
         tf = f if b.kd(p, fraction=f, teacher_fraction=f) else 1.0
         teacher = "teacher on the same fraction" if tf == f else "full-data teacher"
@@ -455,7 +455,7 @@ def _claims(b: _Builder) -> tuple[str, dict]:
         if c is not None:
             details.append(f"{what} {_with_power(c)}")
             found.append(_decide(c))
-    if not fractions:
+    if not low_projections:
         verdict, detail = "not measured", "no low-data sweep"
     else:
         verdict = (

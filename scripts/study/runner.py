@@ -264,7 +264,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _run_study(args: argparse.Namespace, spec, cells: list[Cell], run_dir: Path) -> int:
     study = StudyFile(run_dir / "study.json")
-    shared = {**spec.settings, **{k: _parse_value(v) for k, v in args.set.items()}}
+    shared = {**spec.settings, **args.set}
     shared.setdefault("progress_bar", False)
     teacher = {"max_epochs": spec.teacher_epochs, "patience": shared.get("patience", spec.teacher_epochs)}
     student = {"max_epochs": spec.student_epochs, "patience": shared.get("patience", spec.student_epochs)}
@@ -522,9 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 f"--external {name}=...: a set's name has letters, digits, '_', '.', '-' only (it names folders)."
             )
-    args.set = _pairs(args.set, "--set", parser)
-    try:
-        check_overrides({k: _parse_value(v) for k, v in args.set.items()})
+    try:  # parsed as python-fire would, checked and normalised as the configs' options are
+        args.set = check_overrides({k: _parse_value(v) for k, v in _pairs(args.set, "--set", parser).items()})
     except OptionError as e:
         parser.error(str(e))
     args.prevalence = _pairs(args.prevalence, "--prevalence", parser)
