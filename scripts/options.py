@@ -149,6 +149,7 @@ OPTIONS: dict[str, Option] = {
     "resume": Option("bool"),
     "keep_training_state": Option("bool"),
     "overwrite": Option("bool"),
+    "publish": Option("bool"),
     "allow_nonstandard_input": Option("bool"),
     "settings_from_checkpoint": Option("bool"),
     "debug": Option("bool"),

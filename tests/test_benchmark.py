@@ -239,6 +239,7 @@ def test_plan_guards_cuda_only_options_and_follows_the_arguments(five_scans, tmp
     assert {"latency_entropy", "latency_single_slice_auto", "folder_entropy", "folder_teacher"} <= set(cases)
     assert cases["latency_single_slice_auto"]["overrides"]["slice_centre"] == "auto"
     assert {c["n_scans"] for c in cases.values() if c["kind"] == "scale"} == {100, 300, 1000, 3000}
+    assert not any(tmp_path.iterdir()), "planning writes nothing (the scale cases copy their scans when they run)"
     assert cases["distill_cache_pipeline"]["overrides"]["projection"] == "entropy"  # the first projection
     assert cases["distill_cache_pipeline"]["overrides"]["cache_teacher_outputs"] is True
     assert cases["distill_nocache_pipeline"]["overrides"]["cache_teacher_outputs"] is False

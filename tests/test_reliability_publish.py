@@ -88,3 +88,11 @@ def test_publishing_twice_with_overwrite_keeps_the_better_model_in_previous(tmp_
     # a checkpoint without a recorded split is compared too (never replaced on a guess)
     unrecorded = _student_checkpoint(tmp_path / "eval" / "c" / "model.pt", score=0.1, split=None, seed=4)
     assert not PublishCheckpoint(unrecorded, published).publish()
+
+
+def test_publish_false_leaves_models_untouched(tmp_path, data):
+    """``--publish false`` (what every study cell passes): the best checkpoint stays in the run folder only."""
+    run = _train(tmp_path, data, "unpublished", "--publish", "false")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "eval" / "unpublished" / "model_nokd.pt").is_file()
+    assert not (tmp_path / "models").exists()

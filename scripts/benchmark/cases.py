@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -635,6 +636,30 @@ def _decode_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------------------------
 # scale
 # --------------------------------------------------------------------------------------------------------------------
+def scale_datalist(train: list[dict], n_scans: int, out: Path) -> Path:
+    """A datalist of ``n_scans`` training entries cycling over ``train``, each a scan of its own: a copy
+    ``images/scale-NNNNN.nii.gz`` of the source file and its own subject id (the datalist checks refuse an image
+    listed twice, links included; the cache hashes each entry)."""
+    entries = []
+    images = out.parent / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    # alternate the classes, so that even a few entries hold both (the datalist checks refuse one-class training)
+    by_class = [[e for e in train if int(e["label"]) == c] for c in (0, 1)]
+    by_class = [group for group in by_class if group]
+    cycle = [
+        by_class[i % len(by_class)][(i // len(by_class)) % len(by_class[i % len(by_class)])] for i in range(n_scans)
+    ]
+    for i in range(n_scans):
+        source = cycle[i]
+        suffix = ".nii.gz" if str(source["image"]).endswith(".nii.gz") else Path(source["image"]).suffix
+        link = images / f"scale-{i:05d}{suffix}"
+        if not link.exists():
+            shutil.copyfile(Path(source["image"]).resolve(), link)
+        entries.append({"image": str(link), "label": int(source["label"]), "subject": f"scale-{i:05d}"})
+    out.write_text(json.dumps({"training": entries, "validation": [], "test": []}))
+    return out
+
+
 def _scale_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Cache fill time and memory, and one data-path epoch, for ``n_scans`` scans on a ``spatial_size`` grid."""
     from scripts.benchmark.timing import memory_available_gb
@@ -651,6 +676,7 @@ def _scale_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]
             "available: this is where the cache should spill to disk (persistent_cache_dir)",
             "cache_bytes_needed": int(spec["n_scans"]) * int(spec["grid"]) ** 3 * 4,
         }
+    scale_datalist(list(spec["scale_sources"]), int(spec["n_scans"]), Path(spec["overrides"]["datalist_file"]))
     parser = bundle_parser([TEACHER_CONFIG], spec["overrides"])
     parser.get_parsed_content("initialize")
     rss0 = peak_rss_mb()

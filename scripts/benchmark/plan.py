@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from scripts.benchmark.cases import DISTILL_CONFIG, TEACHER_CONFIG, bundle_parser
 
-__all__ = ["plan_cases", "datalist_files", "scale_datalist", "MONAI_DEFAULT", "TINY_GRID"]
+__all__ = ["plan_cases", "datalist_files", "MONAI_DEFAULT", "TINY_GRID"]
 
 MONAI_DEFAULT = {"stacked_cache": False, "plain_tensor_batch": False}
 """The data path as MONAI's defaults build it: cached ``MetaTensor`` items collated per batch, ``MetaTensor``
@@ -34,30 +33,6 @@ def datalist_files(dataset_dir: Path) -> tuple[list[dict], list[str]]:
         if content.get(split):
             files += [e["image"] for e in load_datalist(datalist, split, require_labels=False, fields=["image"])]
     return train, files
-
-
-def scale_datalist(train: list[dict], n_scans: int, out: Path) -> Path:
-    """A datalist of ``n_scans`` training entries cycling over ``train``, each a scan of its own: a copy
-    ``images/scale-NNNNN.nii.gz`` of the source file and its own subject id (the datalist checks refuse an image
-    listed twice, links included; the cache hashes each entry)."""
-    entries = []
-    images = out.parent / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    # alternate the classes, so that even a few entries hold both (the datalist checks refuse one-class training)
-    by_class = [[e for e in train if int(e["label"]) == c] for c in (0, 1)]
-    by_class = [group for group in by_class if group]
-    cycle = [
-        by_class[i % len(by_class)][(i // len(by_class)) % len(by_class[i % len(by_class)])] for i in range(n_scans)
-    ]
-    for i in range(n_scans):
-        source = cycle[i]
-        suffix = ".nii.gz" if str(source["image"]).endswith(".nii.gz") else Path(source["image"]).suffix
-        link = images / f"scale-{i:05d}{suffix}"
-        if not link.exists():
-            shutil.copyfile(Path(source["image"]).resolve(), link)
-        entries.append({"image": str(link), "label": int(source["label"]), "subject": f"scale-{i:05d}"})
-    out.write_text(json.dumps({"training": entries, "validation": [], "test": []}))
-    return out
 
 
 def _only(cases: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -376,9 +351,11 @@ def plan_cases(args: argparse.Namespace, dataset_dir: Path, bundle_root: Path) -
 
 
 def _scale(add, common: dict, train: list[dict], scale_dir: Path, n: int, grid: int, batch: int, disk: bool) -> None:
-    datalist = scale_datalist(train, n, scale_dir / f"datalist-{n}.json")
+    """Plan a scale case. Its datalist and scan copies are written when the case runs (``scale_sources``), not here:
+    planning writes nothing (3,000 copies of a scan are gigabytes)."""
+    datalist = scale_dir / f"datalist-{n}.json"
     over = {**common, "datalist_file": str(datalist), "spatial_size": [grid] * 3, "batch_size": batch}
     if disk:
         over["persistent_cache_dir"] = str(scale_dir / f"cache-{n}-{grid}")
     name = f"scale_{n}_{grid}" + ("_disk" if disk else "")
-    add(name, "scale", "scale", n_scans=n, grid=grid, overrides=over, epochs=2)
+    add(name, "scale", "scale", n_scans=n, grid=grid, overrides=over, epochs=2, scale_sources=train)

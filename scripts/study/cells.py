@@ -11,8 +11,8 @@ monai.bundle run`` builds) on the bundle's configs; there is no second training 
   checkpoint, once per test set and split (in-domain validation and test, every external set's test split).
 
 Each cell is isolated in its own folder ``<run dir>/cells/<cell name>/``, passed as ``--bundle_root``: its
-``eval/`` (runs, checkpoints, metrics, predictions) and ``models/`` land there, never in the repository's
-``models/``. A KD student reads its teacher from that teacher cell's own best checkpoint (``--teacher_ckpt``).
+``eval/`` (runs, checkpoints, metrics, predictions) lands there; nothing is published to a ``models/`` folder
+(``--publish false``). A KD student reads its teacher from that teacher cell's own best checkpoint (``--teacher_ckpt``).
 MONAI macros in the configs are resolved from the current directory, so the workflows run with the repository
 root as working directory (``bundle_root`` only says where outputs go). The equivalent command lines are kept in
 the record (``commands``).
@@ -270,6 +270,7 @@ def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
         "datalist_file": str(datalist),
         "synthetic_data": False,
         "run_name": "train",
+        "publish": False,  # the cell's models are read from its run folder (best_checkpoint): no second copy
         "progress_bar": False,
         "shared_cache_dir": str(volumes_dir(ctx)),
         **ctx.settings,
