@@ -105,7 +105,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
     ``<cell dir>/eval/adabn-<set>@<share>``. Returns ``{"<set>@<share>": {"files", "labels", "scores"}}``.
     """
     from scripts.data import load_datalist
-    from scripts.study.cells import cell_dir, run_bundle
+    from scripts.study.cells import cell_dir, run_bundle, volumes_dir
 
     root = cell_dir(ctx.run_dir, cell)
     out: dict[str, dict] = {}
@@ -137,6 +137,14 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
                 "site_adaptation": "adabn",
                 "site_adaptation_min_scans": min(MIN_SCANS, len(site)),
                 "run_name": run_name,
+                # the study's preprocessed scans (what its evaluations read), kept in memory for both passes of
+                # AdaBN (statistics, then scoring): the study's own sets need no per-scan plausibility checks
+                "dataset": {
+                    "_target_": "scripts.fast_data.cached_dataset",
+                    "data": "@datalist",
+                    "transform": "$monai.transforms.Compose(@volume_transforms + [@projection_transform])",
+                    "shared_dir": str(volumes_dir(ctx)),
+                },
             }
             run_bundle(configs, "run", overrides, "infer")
             with (root / "eval" / run_name / "predictions.csv").open(newline="", encoding="utf-8") as f:
