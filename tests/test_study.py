@@ -403,3 +403,46 @@ def test_subprocess_study_killed_mid_run_resumes_and_its_commands_are_real(tiny_
     scores = {Path(r.split(",")[0]).name: float(r.split(",")[2]) for r in rows}
     pred = student["predictions"]["av133/test"]
     assert [scores[f] for f in pred["files"]] == pytest.approx(pred["scores"], abs=1e-5)
+
+
+ADABN_CELLS = ["teacher-f1-minmax-s0", "student-joint_fusion_slices-nokd-f1-template-minmax-s0"]
+
+
+@pytest.mark.parametrize("cell_name", ADABN_CELLS)
+def test_adabn_scores_of_the_study_equal_the_inference_command(tiny_study, tmp_path, monkeypatch, cell_name):
+    """The study's AdaBN re-scoring (site subsets read from its preprocessed scans) gives the scores of
+    ``configs/inference.json --site_adaptation adabn`` on the same scans, for a teacher and a student."""
+    import csv
+
+    import scripts.study.adaptation as adaptation
+    from scripts.study.cells import best_checkpoint
+    from scripts.study.runner import context_from_study
+
+    run_dir = tmp_path / "run"  # a copy: the study's own folders stay as the other tests read them
+    (run_dir / "cells").mkdir(parents=True)
+    shutil.copy(tiny_study["run_dir"] / "study.json", run_dir / "study.json")
+    shutil.copytree(tiny_study["run_dir"] / "cells" / cell_name, run_dir / "cells" / cell_name)
+    cell = next(c for c in build_cells(preset("demo", projections=("joint_fusion_slices",))) if c.name == cell_name)
+    monkeypatch.setattr(adaptation, "MIN_SCANS", 3)  # the tiny external set has 8 scans
+    ctx = context_from_study(run_dir)
+    checkpoint = best_checkpoint(run_dir, cell)
+    with torch.random.fork_rng():
+        out = adaptation.adabn_predictions(ctx, cell, checkpoint)
+    site = "av133@0.5"  # the tiny set (8 scans) is too small for some other shares' subsets
+    assert site in out and set(out) <= {f"av133@{share}" for share in adaptation.SHARES}, out.keys()
+    settings = {k: v for k, v in ctx.settings.items() if k in ("spatial_size",)}
+    configs = ["configs/inference.json"] + (["configs/inference_teacher.json"] if cell.kind == "teacher" else [])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
+           "--bundle_root", str(tmp_path / "cli"), "--input", str(run_dir / "cells" / cell_name / "adaptation" /
+           f"{site}.json"), "--input_split", "test", "--model_file", str(checkpoint), "--site_adaptation", "adabn",
+           "--site_adaptation_min_scans", "3", "--run_name", "cli", "--progress_bar", "false"]  # fmt: skip
+    for key, value in settings.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT))
+    done = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (tmp_path / "cli" / "eval" / "cli" / "predictions.csv").open(newline="", encoding="utf-8") as f:
+        cli = {Path(r["image"]).name: float(r["pd_probability"]) for r in csv.DictReader(f)}
+    assert len(out[site]["files"]) >= 3
+    for name, score in zip(out[site]["files"], out[site]["scores"]):
+        assert score == pytest.approx(cli[name], abs=2e-5), name

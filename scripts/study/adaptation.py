@@ -114,6 +114,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
 
     known = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text(encoding="utf-8"))
     shared = {k: v for k, v in dict(settings if settings is not None else ctx.settings).items() if k in known}
+    steps = ")" if cell.kind == "teacher" else " + [@projection_transform])"  # a teacher sees the volume
     for name in ctx.datasets:
         if name == ctx.in_domain:
             continue
@@ -142,7 +143,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
                 "dataset": {
                     "_target_": "scripts.fast_data.cached_dataset",
                     "data": "@datalist",
-                    "transform": "$monai.transforms.Compose(@volume_transforms + [@projection_transform])",
+                    "transform": "$monai.transforms.Compose(@volume_transforms" + steps,
                     "shared_dir": str(volumes_dir(ctx)),
                 },
             }
