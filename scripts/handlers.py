@@ -38,12 +38,14 @@ __all__ = [
     "SELECTION_METRICS",
 ]
 
-SELECTION_METRICS = ("f1_macro", "auc", "accuracy")
+SELECTION_METRICS = ("f1_macro", "auc", "auc_ce", "accuracy")
 """Validation metrics a training run may select its best checkpoint (and stop early) by: the ``selection_metric``
 option; ``validate#metrics`` in ``configs/train_teacher.json`` holds them. ``f1_macro`` and ``accuracy`` score the
 arg-max class, so a network that still calls every validation scan PD scores the same epoch after epoch and the
 first such epoch is kept; ``auc`` (ROC AUC) is threshold-free and moves with the ranking, which is what the
-operating point chosen on validation uses (the study's low-data cells select by it)."""
+operating point chosen on validation uses. On a small validation split ROC AUC saturates too (every epoch after
+the first perfect ranking scores 1.000, and the first is kept); ``auc_ce`` (:func:`roc_auc_then_ce`) breaks such
+ties by the validation cross-entropy (the study's low-data cells select by it)."""
 
 
 def atomic_write_json(path: str | os.PathLike, content: object) -> None:
@@ -464,6 +466,22 @@ def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
 
     pred, label = _scores_and_labels(pred, label)
     return _item(compute_roc_auc(pred, _onehot(label, pred.shape[1]), average="macro"))
+
+
+def roc_auc_then_ce(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """ROC AUC with ties broken by the lower cross-entropy: ``auc - step / 2 * ce / (1 + ce)``.
+
+    ``step = 1 / (n_PD * n_HC)`` is the smallest difference two ROC AUCs of this split can have, and the penalty
+    stays below half of it, so the order of two different AUCs never changes; among epochs of equal AUC (a
+    saturated 1.000 on a small split) the better-calibrated one scores higher. The value is at most the AUC and
+    within ``step / 2`` of it. ``pred`` holds class probabilities (the validation postprocessing's softmax)."""
+    probs, labels = _scores_and_labels(pred, label)
+    auc = roc_auc(pred, label)
+    n_pd = int((labels == 1).sum())
+    step = 1.0 / max(1, n_pd * (labels.numel() - n_pd))
+    picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
+    ce = float(-picked.log().mean())
+    return auc - 0.5 * step * ce / (1.0 + ce)
 
 
 def _confusion(pred: torch.Tensor, label: torch.Tensor, name: str) -> float:

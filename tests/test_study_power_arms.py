@@ -83,6 +83,6 @@ def test_low_data_cells_train_as_many_steps_and_select_by_roc_auc():
     assert full.schedule(settings) == settings and "selection_metric" not in full.overrides()
     small = matrix.Cell("student", 0, "single_slice", False, fraction=0.1111)
     assert small.schedule(settings) == {"max_epochs": 136, "patience": 136, "batch_size": 16}  # 15 / 0.1111
-    assert small.overrides()["selection_metric"] == "auc"
+    assert small.overrides()["selection_metric"] == "auc_ce"
     tiny = matrix.Cell("teacher", fraction=0.01)  # capped
     assert tiny.schedule(settings)["max_epochs"] == 15 * matrix.LOW_DATA_MAX_EPOCH_FACTOR
