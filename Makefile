@@ -22,10 +22,10 @@ $(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
 setup-ray: $(VENV)/.ray-installed
 
 # A small study (3D teacher, 2D student with and without KD over two seeds, SBR and always-PD baselines, the external
-# set) in eval/study-demo; about ten minutes on 2 CPU cores. Running it again resumes or reprints the table. Then the
+# set) in eval/study-demo, two cells side by side; about seven minutes on 2 CPU cores, plus setup. Running it again resumes or reprints the table. Then the
 # KD student and its teacher are published to models/ (model.pt, teacher.pt) for the inference configs.
 demo: setup
-	$(PY) -m scripts.study run --matrix demo --publish models
+	$(PY) -m scripts.study run --matrix demo --jobs 2 --publish models
 
 # The study of docs/results.md (the `cpu` matrix, hours on 2 CPU cores; resumable: run it again after an interruption),
 # then its report and figures.
