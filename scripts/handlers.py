@@ -469,19 +469,20 @@ def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
 
 
 def roc_auc_then_ce(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """ROC AUC with ties broken by the lower cross-entropy: ``auc - step / 2 * ce / (1 + ce)``.
+    """ROC AUC with ties broken by the lower cross-entropy: ``auc - step / 4 * ce / (1 + ce)`` (not below 0).
 
-    ``step = 1 / (n_PD * n_HC)`` is the smallest difference two ROC AUCs of this split can have, and the penalty
-    stays below half of it, so the order of two different AUCs never changes; among epochs of equal AUC (a
-    saturated 1.000 on a small split) the better-calibrated one scores higher. The value is at most the AUC and
-    within ``step / 2`` of it. ``pred`` holds class probabilities (the validation postprocessing's softmax)."""
+    With ``step = 1 / (n_PD * n_HC)``, two ROC AUCs of this split differ by at least ``step / 2`` (a tied PD/HC
+    pair counts half), and the penalty stays below ``step / 4``, so the order of two different AUCs never changes;
+    among epochs of equal AUC (a saturated 1.000 on a small split) the better-calibrated one scores higher. The
+    value is at most the AUC and within ``step / 4`` of it. ``pred`` holds class probabilities (the validation
+    postprocessing's softmax)."""
     probs, labels = _scores_and_labels(pred, label)
     auc = roc_auc(pred, label)
     n_pd = int((labels == 1).sum())
     step = 1.0 / max(1, n_pd * (labels.numel() - n_pd))
     picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
     ce = float(-picked.log().mean())
-    return auc - 0.5 * step * ce / (1.0 + ce)
+    return max(0.0, auc - 0.25 * step * ce / (1.0 + ce))
 
 
 def _confusion(pred: torch.Tensor, label: torch.Tensor, name: str) -> float:

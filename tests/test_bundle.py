@@ -77,7 +77,8 @@ def test_teacher_training_writes_best_checkpoint_and_metrics(trained):
     assert (trained / "models" / "teacher.pt").is_file()
     assert (trained / "eval" / "teacher" / "teacher.pt").is_file()
     metrics = _metrics_csv(trained / "eval" / "teacher" / "validation" / "metrics.csv")
-    assert set(metrics) == {"val_accuracy", "val_sensitivity", "val_specificity", "val_f1_macro", "val_auc"}
+    names = {"val_accuracy", "val_sensitivity", "val_specificity", "val_f1_macro", "val_auc", "val_auc_ce"}
+    assert set(metrics) == names
     assert all(0.0 <= v <= 1.0 for v in metrics.values())  # the tiny set has both classes in validation
     assert list((trained / "eval" / "teacher").glob("events.out.tfevents.*"))  # TensorBoard logs
     state = torch.load(trained / "models" / "teacher.pt", weights_only=True)

@@ -50,6 +50,21 @@ from monailabel.datastore.local import LocalDatastore  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def forget_bundle_modules():
+    """Forget the bundle's ``scripts`` package after each test.
+
+    A test imports it from its own copy of the bundle (MONAI Label's bundle tasks and the helpers put that copy on
+    ``sys.path``), and a passing test's ``tmp_path`` is removed when it ends; a later test must import the package
+    from its own copy, never reuse one whose files are gone. (Here, not in a ``conftest.py``: that name would shadow
+    ``tests/conftest.py``, which the main suite imports.)"""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name == "scripts" or name.startswith("scripts."):
+            del sys.modules[name]
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
