@@ -114,7 +114,10 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
 
     known = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text(encoding="utf-8"))
     shared = {k: v for k, v in dict(settings if settings is not None else ctx.settings).items() if k in known}
-    steps = ")" if cell.kind == "teacher" else " + [@projection_transform])"  # a teacher sees the volume
+    volume = "$monai.transforms.Compose(@volume_transforms)"  # what a teacher sees; a student, its projection
+    transform = (
+        volume if cell.kind == "teacher" else "$monai.transforms.Compose(@volume_transforms + [@projection_transform])"
+    )
     for name in ctx.datasets:
         if name == ctx.in_domain:
             continue
@@ -143,7 +146,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
                 "dataset": {
                     "_target_": "scripts.fast_data.cached_dataset",
                     "data": "@datalist",
-                    "transform": "$monai.transforms.Compose(@volume_transforms" + steps,
+                    "transform": transform,
                     "shared_dir": str(volumes_dir(ctx)),
                 },
             }
