@@ -462,18 +462,26 @@ def _is_dicom_series(folder: Path) -> bool:
     return is_dicom_series(folder)
 
 
-def list_scans(path: str | os.PathLike, split: str = "test") -> list[dict]:
+def list_scans(path: str | os.PathLike, split: str = "") -> list[dict]:
     """The scans to run inference on, as datalist entries ``{"image": ...}``.
 
     Args:
         path: one scan (a NIfTI file, or a folder holding one DICOM series), a folder of scans (NIfTI files and
             DICOM series sub-folders, sorted by name), or a datalist JSON.
-        split: for a datalist, the list to read (``"all"`` concatenates training, validation and test).
+        split: for a datalist, the list to read (``"all"`` concatenates training, validation and test; empty:
+            ``"test"``). Any other input has no lists, so a split given with it is an error, not ignored.
     """
     p = Path(path)
     if not p.exists():
         raise DatalistError(f"inference input {p} not found.")
-    if p.is_file() and p.suffix == ".json":
+    is_datalist = p.is_file() and p.suffix == ".json"
+    if split and not is_datalist:
+        raise DatalistError(
+            f"--input_split {split!r} selects a list of a datalist JSON, but inference input {p} is a "
+            f"{'folder' if p.is_dir() else 'file'}: every scan in it is scored; leave --input_split out."
+        )
+    split = split or "test"
+    if is_datalist:
         if split == "all":
             content = read_datalist_file(p)
             splits = [s for s in SPLITS if isinstance(content, dict) and isinstance(content.get(s), list)]

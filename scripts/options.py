@@ -212,7 +212,7 @@ OPTIONS: dict[str, Option] = {
     "run_name": Option("name", hint="(the run's folder is eval/<run_name> under the bundle root)"),
     "output_dir": Option("str"),
     "input": Option("str"),
-    "input_split": Option("str"),
+    "input_split": Option("str", empty=True),
     "eval_split": Option("str"),
     "explain_split": Option("str"),
     "report_reference_split": Option("str"),

@@ -131,7 +131,10 @@ def test_list_scans_accepts_a_file_a_folder_and_a_datalist(tmp_path):
     assert [e["image"].rsplit("/", 1)[1] for e in list_scans(tmp_path / "in")] == ["a.nii.gz", "b.nii"]
     dl = tmp_path / "in" / "d.json"
     dl.write_text(json.dumps({"training": [{"image": "a.nii.gz"}], "test": [{"image": "b.nii"}]}))
-    assert len(list_scans(dl, "test")) == 1 and len(list_scans(dl, "all")) == 2
+    assert len(list_scans(dl, "test")) == 1 and len(list_scans(dl, "all")) == 2 and len(list_scans(dl)) == 1
+    for given in (tmp_path / "in", a):  # a split cannot apply to a folder or a scan: refused, not ignored
+        with pytest.raises(DatalistError, match=f"--input_split 'all' selects a list of a datalist JSON.*{given}"):
+            list_scans(given, "all")
     with pytest.raises(DatalistError, match="no NIfTI files"):
         list_scans(tmp_path / "in" / "..")
 

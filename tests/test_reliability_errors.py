@@ -45,6 +45,17 @@ def test_input_split_all_on_a_malformed_datalist_is_one_line(tmp_path, content):
     _assert_one_line(result, f"error: datalist file {datalist}")
 
 
+def test_input_split_with_a_folder_is_one_line_not_ignored(tmp_path, data):
+    root = tmp_path / "bundle"
+    torch.manual_seed(0)
+    save_checkpoint(Student2D(), root / "models" / "model.pt", SETTINGS, kind="student")
+    folder = data / "images"
+    result = _bundle("run", "--config_file", "configs/inference.json", "--bundle_root", str(root), "--input",
+                     str(folder), "--input_split", "validation", timeout=120)  # fmt: skip
+    expected = f"error: --input_split 'validation' selects a list of a datalist JSON, but inference input {folder} "
+    _assert_one_line(result, expected + "is a folder")
+
+
 def test_a_last_training_batch_of_one_scan_trains(tmp_path, data):
     n = len(json.loads((data / "datalist.json").read_text(encoding="utf-8"))["training"])
     batch = n - 1  # n % (n - 1) == 1: the last batch would hold one scan
