@@ -300,7 +300,7 @@ def test_share_subset_has_the_share_and_is_as_large_as_possible():
         assert np.array_equal(idx, share_subset(labels, share))  # fixed
 
 
-def _record(seed, with_adabn):
+def _record(seed, with_adabn, adabn_shares=(0.2, 0.5, 0.8)):
     from scripts.study.adaptation import ADAPTED_KEY, share_subset
     from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, Cell
 
@@ -319,7 +319,7 @@ def _record(seed, with_adabn):
     }
     if with_adabn:  # AdaBN undid the shift
         adapted = {}
-        for share in (0.2, 0.5, 0.8):
+        for share in adabn_shares:
             idx = share_subset(ye, share)
             adapted[f"ext@{share:g}"] = {
                 "files": [files[i] for i in idx],
@@ -354,3 +354,16 @@ def test_study_measurement_pairs_methods_and_recommends_one():
     # without AdaBN scores only the score methods are measured
     plain = adaptation_results([_record(0, False)], "bench", ["ext"], n_draws=4)
     assert set(plain["models"][model]["ext@0.5"]) == {"none", "em", "bbse", "mixture"}
+    assert "AdaBN was not measured" not in adaptation_section(plain)
+
+
+def test_adabn_at_some_shares_is_reported_there_and_left_out_of_the_recommendation():
+    """A study that measures AdaBN at one site share (the demo's ``adabn_shares``) shows its rows there, says
+    where it is missing, and recommends among the methods measured at every share."""
+    from scripts.study.adaptation import adaptation_results, adaptation_section, recommend
+
+    results = adaptation_results([_record(0, True, adabn_shares=(0.5,))], "bench", ["ext"], n_draws=4)
+    table = results["models"]["2D joint fusion slices, with KD"]
+    assert "adabn+mixture" in table["ext@0.5"] and "adabn" not in table["ext@0.2"] and "adabn" not in table["ext@0.8"]
+    assert not recommend(results, "2D joint fusion slices, with KD")[0].startswith("adabn")
+    assert "AdaBN was not measured at PD share 0.2, 0.8" in adaptation_section(results)

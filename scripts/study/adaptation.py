@@ -99,7 +99,8 @@ def wants_adabn(cell: Cell) -> bool:
 
 
 def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Mapping | None = None) -> dict:
-    """Score every external set's share subsets with ``checkpoint`` after AdaBN, through ``configs/inference.json``.
+    """Score every external set's share subsets (the shares of ``ctx.adabn_shares``, by default :data:`SHARES`) with
+    ``checkpoint`` after AdaBN, through ``configs/inference.json``.
 
     Each site is written as a datalist ``<cell dir>/adaptation/<set>@<share>.json``; the inference runs in
     ``<cell dir>/eval/adabn-<set>@<share>``. Returns ``{"<set>@<share>": {"files", "labels", "scores"}}``.
@@ -123,7 +124,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
             continue
         entries = sorted(load_datalist(ctx.datasets[name], "test"), key=lambda e: str(e["image"]))
         labels = [int(e["label"]) for e in entries]
-        for share in SHARES:
+        for share in ctx.adabn_shares or SHARES:
             key = _share_key(name, share)
             site = [entries[i] for i in share_subset(labels, share)]
             if len(site) < MIN_SCANS:  # every method would refuse so small a site: nothing to measure
@@ -318,6 +319,14 @@ def adaptation_section(results: Mapping[str, Any], default_model: str | None = N
         f"≥ {TARGET:.2f}; *refused* the share of draws the method declined (they keep the in-domain threshold); "
         "*π̂* the mean estimated PD share.",
     ]
+    partial = sorted(
+        {key.split("@")[1] for table in models.values() for key, rows in table.items() if "adabn" not in rows}
+    )
+    if partial and any("adabn" in rows for table in models.values() for rows in table.values()):
+        lines.append(
+            f"AdaBN was not measured at PD share {', '.join(partial)} (the study's `adabn_shares`), so its methods "
+            "are left out of the recommendation, which compares methods over every set and share."
+        )
     for model, table in models.items():
         lines.append(f"### {model} ({results['seeds'][model]} seed(s))")
         for key, rows in table.items():

@@ -61,6 +61,8 @@ class StudyContext:
         teacher_settings, student_settings: overrides of the teacher / student trainings (epochs, ...).
         n_teachers: number of teacher seeds (a KD student of seed ``s`` learns from teacher ``s mod n``).
         prevalence: assumed PD prevalence per external set for the label-free recalibrated threshold.
+        adabn_shares: site PD shares whose AdaBN scores are measured (``None``: every share), see
+            :class:`scripts.study.matrix.MatrixSpec`.
     """
 
     run_dir: Path
@@ -70,6 +72,7 @@ class StudyContext:
     student_settings: dict = field(default_factory=dict)
     n_teachers: int = 1
     prevalence: dict[str, float] = field(default_factory=dict)
+    adabn_shares: tuple[float, ...] | None = None
 
     @property
     def in_domain(self) -> str:

@@ -309,6 +309,9 @@ class MatrixSpec:
             generator's recommended sizes, ``{set name: n}`` for some sets (e.g. ``{"benchmark": 200}``), or an int
             for every set.
         settings: other config overrides shared by every cell (grid, batch sizes, ...).
+        adabn_shares: true PD shares of the simulated sites whose AdaBN scores the study measures (the networks'
+            forward passes over every site: the teacher's are most of a small study's time); ``None`` for every
+            share of :data:`scripts.study.adaptation.SHARES`. The score-based methods always see every share.
     """
 
     projections: tuple[str, ...] = (DEFAULT_PROJECTION,)
@@ -327,8 +330,13 @@ class MatrixSpec:
     student_epochs: int = 15
     n_subjects: int | dict[str, int] | None = None
     settings: dict = field(default_factory=dict)
+    adabn_shares: tuple[float, ...] | None = None
 
     def check(self) -> MatrixSpec:
+        from scripts.study.adaptation import SHARES
+
+        for share in self.adabn_shares or ():
+            look_up_option(share, SHARES)
         for p in (*self.projections, *self.low_data_projections):
             look_up_option(p, PROJECTIONS)
         if any(not 0.0 < n < 0.5 for n in self.label_noise) or not 0.0 < self.noise_fraction <= 1.0:
@@ -360,8 +368,9 @@ PRESETS: dict[str, dict] = {
         "seeds": 2,
         "teachers": 1,
         "teacher_epochs": 6,
-        "student_epochs": 10,
-        "n_subjects": {"benchmark": 200, "av133": 200, "spect_other_site": 200},
+        "student_epochs": 8,
+        "n_subjects": {"benchmark": 150, "av133": 100, "spect_other_site": 100},
+        "adabn_shares": (0.5,),
     },
     "cpu": {
         "projections": ("single_slice", "early_fusion_slices", "joint_fusion_slices", "dynamic_image", "entropy"),

@@ -136,6 +136,7 @@ def context_from_study(run_dir: str | os.PathLike) -> StudyContext:
         student_settings=s["student"],
         n_teachers=s["n_teachers"],
         prevalence=s["prevalence"],
+        adabn_shares=content.get("matrix", {}).get("adabn_shares"),
     )
 
 
