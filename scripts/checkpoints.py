@@ -71,6 +71,7 @@ __all__ = [
     "HOLD_ENV",
     "TrainingState",
     "BestCheckpointSaver",
+    "unwrap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def bundle_version() -> str:
     return str(_bundle_metadata().get("version", "unknown"))
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
     while True:
         if isinstance(getattr(network, "module", None), nn.Module):
             network = network.module
@@ -124,7 +126,7 @@ def describe_network(network: nn.Module) -> dict[str, Any]:
     "backbone": "resnet18", "projection": "joint_fusion_slices", "in_channels": 3, "fusion": "joint",
     "num_classes": 2}``.
     """
-    network = _unwrap(network)
+    network = unwrap(network)
     cls = type(network)
     out: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
     for name in inspect.signature(cls.__init__).parameters:
@@ -295,7 +297,7 @@ class DescribedModel:
         return info
 
     def state_dict(self) -> dict:
-        state = _unwrap(self.network).state_dict()
+        state = unwrap(self.network).state_dict()
         state._metadata[METADATA_KEY] = self.description()
         return state
 
@@ -305,7 +307,7 @@ class DescribedModel:
             differ = _differences(recorded.get("settings", {}), self.settings)
             if differ:
                 raise InputError(f"the checkpoint was saved with {differ[0][0]}, this run has {differ[0][1]}.")
-        return _unwrap(self.network).load_state_dict(state_dict, strict=strict)
+        return unwrap(self.network).load_state_dict(state_dict, strict=strict)
 
 
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -455,7 +457,7 @@ def check_checkpoint(
     if network_id and parser is not None and network_id in parser:
         network = parser.get_parsed_content(network_id)
         try:
-            _unwrap(network).load_state_dict(state, strict=True)
+            unwrap(network).load_state_dict(state, strict=True)
         except RuntimeError as e:
             lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
             detail = (lines[0] if lines else str(e))[:240]

@@ -15,6 +15,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import PostFix
+from scripts.checkpoints import unwrap
 from scripts.errors import InputError, MissingFileError
 from scripts.options import parse_bool
 from torch import nn
@@ -34,17 +35,6 @@ LOSS_LOG = "loss_log"
 """Engine-output key of the averaged loss terms, present on the iterations where :class:`LossLog` read them."""
 
 TEACHER_TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train_teacher.json"
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(network, "module") and isinstance(network.module, nn.Module):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
 
 
 def load_teacher(teacher: nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -288,10 +278,10 @@ class DistillationTrainer(LeanTrainer):
                 )
             self.teacher = load_teacher(teacher, teacher_checkpoint, self.state.device)
         self.teacher_cache = TeacherOutputCache() if (self.kd_enabled and cache_teacher_outputs) else None
-        head = getattr(_unwrap(self.network), "head", None)
+        head = getattr(unwrap(self.network), "head", None)
         if not isinstance(head, nn.Module):
             raise ValueError(
-                f"the student {type(_unwrap(self.network)).__name__} has no 'head' module to read embeddings from."
+                f"the student {type(unwrap(self.network)).__name__} has no 'head' module to read embeddings from."
             )
         head.register_forward_pre_hook(self._capture_embedding)
         self._embedding: torch.Tensor | None = None
