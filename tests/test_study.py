@@ -56,8 +56,9 @@ def test_presets_have_the_documented_cells():
     assert counts["full"] == {"baseline": 3, "teacher": 25, "student": 100 + 20 + 45 + 10 + 10}
     # the demo measures AdaBN at one site share (the teacher's forward passes over every site were 110 s of 247)
     assert preset("demo").adabn_shares == (0.5,) and preset("cpu").adabn_shares is None
-    with pytest.raises(ValueError, match="0.3"):
-        preset("demo", adabn_shares=(0.3,)).check()
+    assert preset("demo", adabn_shares=[0.2, 0.5, 0.8]).adabn_shares == (0.2, 0.5, 0.8)
+    with pytest.raises(ValueError, match=r"must be among \[0.2, 0.5, 0.8\], got \[0.3\]"):
+        preset("demo", adabn_shares=(0.3,))
 
 
 def test_list_prints_every_cell_of_a_preset():

@@ -335,8 +335,8 @@ class MatrixSpec:
     def check(self) -> MatrixSpec:
         from scripts.study.adaptation import SHARES
 
-        for share in self.adabn_shares or ():
-            look_up_option(share, SHARES)
+        if any(share not in SHARES for share in self.adabn_shares or ()):
+            raise ValueError(f"AdaBN site shares must be among {list(SHARES)}, got {list(self.adabn_shares)}.")
         for p in (*self.projections, *self.low_data_projections):
             look_up_option(p, PROJECTIONS)
         if any(not 0.0 < n < 0.5 for n in self.label_noise) or not 0.0 < self.noise_fraction <= 1.0:
@@ -437,8 +437,9 @@ def preset(name: str, **changes) -> MatrixSpec:
         "intensities",
         "low_data_projections",
         "label_noise",
+        "adabn_shares",
     ):
-        if key in base:
+        if base.get(key) is not None:
             base[key] = tuple(base[key])
     base["settings"] = dict(base.get("settings", {}))
     return MatrixSpec(**base).check()

@@ -242,6 +242,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "teacher_epochs": args.teacher_epochs,
         "student_epochs": args.student_epochs,
         "n_subjects": args.n_subjects,
+        "adabn_shares": args.adabn_shares,
     }
     try:
         spec = preset(args.matrix, **changes)
@@ -444,6 +445,9 @@ def _add_matrix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
     p.add_argument("--n-subjects", type=int, default=None, help="subjects of every generated synthetic set")
+    p.add_argument(
+        "--adabn-shares", type=float, nargs="+", default=None, help="site PD shares whose AdaBN scores are measured"
+    )
     p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="run only cells matching these globs")
 
 
