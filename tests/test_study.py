@@ -314,6 +314,7 @@ def test_report_and_figures_render_with_the_right_rows(tiny_study, tmp_path):
     for row in rows:
         assert row in report, row
     assert "too few seeds" in report  # two seeds never give a verdict
+    assert "by validation ROC AUC with ties broken by the validation cross-entropy (`auc_ce`)" in report
     # the report command writes anywhere, figures beside it, linked relative to the report
     out = tmp_path / "docs" / "results.md"
     _run("report", str(run_dir), "--out", str(out), "--figures", str(tmp_path / "docs" / "figures"))
@@ -359,6 +360,9 @@ def test_a_run_folder_made_under_other_cell_rules_is_not_extended(tiny_study, tm
     args[args.index("--run-dir") + 1] = str(run_dir)
     with pytest.raises(SystemExit, match="configures its cells differently.*choose another --run-dir"):
         _run(*args)
+    out = tmp_path / "old.md"
+    _run("report", str(run_dir), "--out", str(out), "--no-figures")  # readable, with the rule it was made under
+    assert "training subjects by validation `f1_macro`" in out.read_text()
     del content["settings"]["cell_rules"]  # a folder from before the rules were recorded
     study.write(content)
     with pytest.raises(SystemExit, match="configures its cells differently"):

@@ -356,6 +356,14 @@ def _timing_table(res: StudyResults) -> str:
     return _table(["cells", "n", "wall s / cell", "training s / cell", "CPU s / cell", "wall min total"], rows)
 
 
+def _low_data_selection(res: StudyResults) -> str:
+    """How the study folder's low-data cells chose their checkpoint, in words (from its recorded cell rules)."""
+    metric = res.study["settings"].get("cell_rules", {}).get("low_data_selection_metric", "auc")
+    if metric == "auc_ce":
+        return "validation ROC AUC with ties broken by the validation cross-entropy (`auc_ce`)"
+    return "validation ROC AUC" if metric == "auc" else f"validation `{metric}`"
+
+
 def _settings_line(res: StudyResults) -> str:
     s = res.study["settings"]
     shared = ", ".join(f"`{k}` {v}" for k, v in s["shared"].items() if k != "progress_bar") or "the configs' defaults"
@@ -713,7 +721,7 @@ def write_report(
         "## How to read it\n\n"
         "* Every network is trained by the bundle's own configs (`configs/train_teacher.json`, `configs/distill.json`) "
         "and scored by `configs/evaluate.json` on its own best checkpoint (by validation macro F1; below 100 % of "
-        "the training subjects by validation ROC AUC, "
+        f"the training subjects by {_low_data_selection(res)}, "
         "after about as many optimiser steps as at full data).\n"
         "* Metrics on the in-domain test split at the in-domain operating point: the threshold on P(PD) that "
         "maximises Youden's J on the validation split (never tuned on test). ROC AUC is threshold-free.\n"
