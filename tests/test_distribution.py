@@ -497,7 +497,14 @@ def _torchrun(config: str, bundle_root: Path, data: Path, logs: Path) -> None:
         str(data),
         *TINY,
     ]
-    _run(args, cwd=BUNDLE_ROOT, env=_env(pythonpath=BUNDLE_ROOT), timeout=400)
+    result = subprocess.run(
+        args, cwd=BUNDLE_ROOT, env=_env(pythonpath=BUNDLE_ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=400,
+    )  # fmt: skip
+    if result.returncode != 0:  # the launcher says only which rank died: show what each rank printed
+        files = sorted(logs.rglob("*.log"))
+        ranks = "".join(f"\n--- {f.relative_to(logs)} ---\n{f.read_text()[-3000:]}" for f in files)
+        pytest.fail(f"torchrun failed ({result.returncode}):\n{result.stdout[-2000:]}{ranks}")
 
 
 def _rank_logs(logs: Path) -> dict[int, str]:
