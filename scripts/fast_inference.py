@@ -32,10 +32,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureTyped, Resized
 from monai.utils import MetaKeys
-from scripts.data import IntensityNormalized
 from scripts.errors import InputError
 from scripts.options import parse_bool
 from scripts.projections import VIEW_AXIS, AdjacentSlices, Projectiond, template_centre
+from scripts.transforms import IntensityNormalized
 from torch.nn import functional as nnf
 
 __all__ = ["planes_read_by", "resample_planes", "grid_extrema", "PartialPreprocessing"]
@@ -211,7 +211,7 @@ class PartialPreprocessing(Compose):
     """The preprocessing chain, computing only the planes of the working grid that the projection reads.
 
     ``transforms`` is the bundle's chain, ``volume_transforms + [projection_transform]``. When it ends with
-    ``Resized`` (trilinear, ``align_corners=True``) → :class:`scripts.data.IntensityNormalized` (``minmax``) →
+    ``Resized`` (trilinear, ``align_corners=True``) → :class:`scripts.transforms.IntensityNormalized` (``minmax``) →
     ``EnsureTyped`` (optional) → :class:`scripts.projections.Projectiond` reading fixed planes
     (:func:`planes_read_by`), and ``enabled`` is true, a call runs the transforms before ``Resized`` (load, checks,
     orientation), resamples only the planes read (:func:`resample_planes`), normalises them with the exact

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from scripts.data import FAILED_KEY, WARNINGS_KEY
 from scripts.errors import InputError
+from scripts.transforms import FAILED_KEY, WARNINGS_KEY
 
 __all__ = [
     "PublishCheckpoint",
@@ -239,7 +239,7 @@ def _stem(path: str) -> str:
 def skip_failed_scans(engine: Engine, batchdata: dict) -> Any:
     """``iteration_update`` of the inference evaluator: MONAI's iteration on the scans that were read.
 
-    The batch comes from :func:`scripts.data.collate_with_failures`: its failures (scans the preprocessing
+    The batch comes from :func:`scripts.transforms.collate_with_failures`: its failures (scans the preprocessing
     refused) are moved to ``engine.state.failed_scans`` for :class:`PredictionSaver`; the network runs on the rest
     through the evaluator's own ``_iteration`` (every MONAI event fires as usual). A batch of failures only gives
     an empty output.

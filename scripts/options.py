@@ -166,7 +166,7 @@ OPTIONS: dict[str, Option] = {
     "device": Option("device"),
     # grid, intensity, projection, networks
     "spatial_size": Option("size3", minimum=16, hint="(the networks need at least 16 voxels per side)"),
-    "intensity": Option("choice", choices=_choices("scripts.data", "INTENSITY_MODES")),
+    "intensity": Option("choice", choices=_choices("scripts.transforms", "INTENSITY_MODES")),
     "projection": Option("choice", choices=_choices("scripts.projections", "PROJECTIONS")),
     "view": Option("choice", choices=_choices("scripts.projections", "VIEWS")),
     "num_slices": Option("int", minimum=1, hint="(an odd number of adjacent slices)"),

@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
 """Is this a DaTscan SPECT volume in MNI space? Checks of a loaded scan's content, before it is scored.
 
-The grid and intensity checks of :class:`scripts.data.LoadScand` find files that are not volumes on the expected
+The grid and intensity checks of :class:`scripts.transforms.LoadScand` find files that are not volumes on the expected
 grid; a volume can pass them and still not be what the model was trained on. A model scores such a volume with the
 same confidence as any other, so :func:`plausibility_problems` looks at what the image holds:
 
@@ -245,7 +245,7 @@ class PlausibilityCheckd(MapTransform):
     """The inference gate: refuse a loaded scan that :func:`plausibility_problems` flags, or (with
     ``allow_nonstandard``) score it with the reasons added to its warnings.
 
-    Placed right after :class:`scripts.data.LoadScand` in the inference preprocessing (``configs/inference.json#
+    Placed right after :class:`scripts.transforms.LoadScand` in the inference preprocessing (``configs/inference.json#
     plausibility_check``), on the scan as stored (its own grid and affine, before reorientation and resampling). A
     refused scan gets an error row in ``predictions.csv`` and the report, and the run's exit status is non-zero, as
     for any scan that could not be scored.
@@ -271,8 +271,8 @@ class PlausibilityCheckd(MapTransform):
         self.thresholds = dict(thresholds or {})
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from scripts.data import ALLOW_HINT, WARNINGS_KEY
         from scripts.errors import InputError
+        from scripts.transforms import ALLOW_HINT, WARNINGS_KEY
 
         d = dict(data)
         for key in self.key_iterator(d):

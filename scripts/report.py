@@ -125,8 +125,9 @@ def hc_reference_ranges(
     Raises:
         ValueError: when the split has fewer than 3 HC scans.
     """
-    from scripts.data import LoadScand, load_datalist
+    from scripts.data import load_datalist
     from scripts.sbr import compute_sbr
+    from scripts.transforms import LoadScand
 
     entries = [e for e in load_datalist(datalist_file, split) if int(e["label"]) == 0]
     if len(entries) < 3:
@@ -402,8 +403,8 @@ class ReportWriter:
 
     def _report(self, record: ScanRecord, image, p_pd: float) -> None:
         from scripts.anatomy import template_rois
-        from scripts.data import LoadScand
         from scripts.sbr import compute_sbr
+        from scripts.transforms import LoadScand
 
         volume = self.preprocess({"image": record.image})["image"]
         rois = template_rois(tuple(volume.shape[1:]), np.asarray(volume.affine))

@@ -568,7 +568,7 @@ class SiteAdapter:
         self._scores.update(zip(names, probs))
 
     def _inputs(self, engine: Any) -> Iterable[torch.Tensor]:
-        from scripts.data import FAILED_KEY
+        from scripts.transforms import FAILED_KEY
 
         for batch in engine.data_loader:
             if isinstance(batch, dict):

@@ -10,7 +10,6 @@ from conftest import MNI_AFFINE, config_preprocessing, write_nifti
 from monai.data import list_data_collate
 from scripts.data import (
     DatalistError,
-    IntensityNormalize,
     build_datalist,
     list_scans,
     load_datalist,
@@ -19,6 +18,7 @@ from scripts.data import (
     subsample_by_subject,
 )
 from scripts.errors import find_input_error
+from scripts.transforms import IntensityNormalize
 
 
 def _entries(n_hc=10, n_pd=20, visits=3):

@@ -42,7 +42,7 @@ WRITING_HANDLERS = {
     "TensorBoardStatsHandler",
     "ignite.handlers.ProgressBar",
     "CheckpointSaver",
-    "scripts.checkpoints.BestCheckpointSaver",
+    "scripts.runs.BestCheckpointSaver",
     "scripts.handlers.PublishCheckpoint",
 }
 # handlers that take part in training (or gather across ranks before rank 0 writes); they must run on every rank

@@ -100,7 +100,7 @@ def test_stacking_falls_back_to_monai_collation_with_the_reason(dataset, reason,
 def test_disk_cache_is_a_persistent_dataset_keyed_by_entry_and_transform(tmp_path):
     import numpy as np
     from conftest import write_nifti
-    from scripts.data import LoadScand
+    from scripts.transforms import LoadScand
 
     volumes = np.random.default_rng(0).random((2, 9, 9, 9))
     entries = [{"image": str(write_nifti(tmp_path / f"s{i}.nii.gz", volumes[i])), "label": i} for i in (0, 1)]

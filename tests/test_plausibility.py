@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 from scripts.checkpoints import save_checkpoint
-from scripts.data import LoadScand
 from scripts.networks import Student2D
 from scripts.plausibility import PlausibilityCheckd, declared_modality, plausibility_problems
+from scripts.transforms import LoadScand
 from test_reliability import _dicom_series
 from test_reliability_cli import SETTINGS, _bundle, _stderr
 

@@ -26,27 +26,25 @@ from scripts.checkpoints import (
     DescribedModel,
     check_checkpoint,
     check_teacher,
-    claim_run_folder,
     read_checkpoint,
     save_checkpoint,
     split_digest,
 )
-from scripts.data import (
-    FAILED_KEY,
-    WARNINGS_KEY,
-    DatalistError,
-    LoadScand,
-    build_datalist,
-    collate_with_failures,
-    dicom_series_problems,
-    grid_problems,
-    intensity_problems,
-    load_datalist,
-)
+from scripts.data import DatalistError, build_datalist, load_datalist
 from scripts.errors import InputError, MissingFileError
 from scripts.handlers import PredictionSaver, PublishCheckpoint, skip_failed_scans
 from scripts.networks import Student2D, Teacher3D
 from scripts.options import OptionError, check_options, check_value, parse_bool
+from scripts.runs import claim_run_folder
+from scripts.transforms import (
+    FAILED_KEY,
+    WARNINGS_KEY,
+    LoadScand,
+    collate_with_failures,
+    dicom_series_problems,
+    grid_problems,
+    intensity_problems,
+)
 
 CONFIGS = BUNDLE_ROOT / "configs"
 STUDENT_SETTINGS = {"spatial_size": [32, 32, 32], "intensity": "minmax", "view": "axial", "slice_centre": "auto"}

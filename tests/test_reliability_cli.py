@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, write_nifti
-from scripts.checkpoints import HOLD_ENV, save_checkpoint
+from scripts.checkpoints import save_checkpoint
 from scripts.networks import Student2D
+from scripts.runs import HOLD_ENV
 
 TINY = ["--spatial_size", "[32,32,32]", "--batch_size", "6", "--progress_bar", "false"]
 SETTINGS = {

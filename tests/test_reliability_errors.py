@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BUNDLE_ROOT
-from scripts.checkpoints import HOLD_ENV, save_checkpoint
+from scripts.checkpoints import save_checkpoint
 from scripts.networks import Student2D
+from scripts.runs import HOLD_ENV
 from test_reliability_cli import SETTINGS, TINY, _assert_one_line, _bundle, _env
 
 

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from conftest import BUNDLE_ROOT, MNI_AFFINE
 from scripts.checkpoints import save_checkpoint
-from scripts.data import SPLITS, DatalistError, LoadScand, load_datalist
+from scripts.data import SPLITS, DatalistError, load_datalist
 from scripts.errors import InputError
 from scripts.networks import Student2D
+from scripts.transforms import LoadScand
 
 SEED = 20240601
 MUST_FAIL, MUST_SCORE, EITHER = "fail", "score", "either"

@@ -609,7 +609,7 @@ def _folder_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any
 def _decode_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Reading the scans alone, one process: nibabel decompression, and the bundle's loader (``LoadScand``)."""
     import nibabel as nib
-    from scripts.data import LoadScand
+    from scripts.transforms import LoadScand
 
     load = LoadScand(keys="image")
     decode, loader = [], []
