@@ -47,6 +47,7 @@ __all__ = [
     "describe_network",
     "checkpoint_metadata",
     "read_checkpoint",
+    "load_weights",
     "save_checkpoint",
     "split_digest",
     "DescribedModel",
@@ -145,7 +146,7 @@ def read_checkpoint(path: str | os.PathLike, role: str = "model") -> tuple[dict,
     if path.is_dir():
         raise InputError(f"{role} checkpoint {path} is a folder; give the checkpoint file (e.g. {path}/model.pt).")
     if not path.is_file():
-        kind = "teacher" if "teacher" in path.name else "student"
+        kind = "teacher" if role == "teacher" or "teacher" in path.name else "student"
         raise MissingFileError(f"{role} checkpoint {path} not found. Train it first: {TRAIN_COMMANDS[kind]}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -162,6 +163,36 @@ def read_checkpoint(path: str | os.PathLike, role: str = "model") -> tuple[dict,
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{role} checkpoint {path} is not a state dict of network weights.")
     return state, checkpoint_metadata(state)
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """The first informative line of ``load_state_dict``'s error (missing or unexpected keys, a size mismatch)."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    return (lines[0] if lines else str(error))[:240]
+
+
+def load_weights(
+    network: nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", role: str = "model"
+) -> nn.Module:
+    """Load ``checkpoint`` (:func:`read_checkpoint`) strictly into ``network``, in eval mode, on ``device``.
+
+    The one loader of weights outside MONAI's ``CheckpointLoader``: the distillation teacher, the explanation and
+    report networks.
+
+    Raises:
+        MissingFileError, InputError: one line naming the file and the problem (missing, unreadable, or weights of
+            another network definition).
+    """
+    state, _ = read_checkpoint(checkpoint, role)
+    try:
+        unwrap(network).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(
+            f"{role} checkpoint {checkpoint} does not match the {role} definition "
+            f"({json.dumps(describe_network(network), separators=(',', ':'))}): {_mismatch(e)}. Use the checkpoint "
+            f"trained with these settings, or set the backbone and projection it was trained with."
+        ) from None
+    return network.to(device).eval()
 
 
 def save_checkpoint(
@@ -440,11 +471,9 @@ def check_checkpoint(
         try:
             unwrap(network).load_state_dict(state, strict=True)
         except RuntimeError as e:
-            lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-            detail = (lines[0] if lines else str(e))[:240]
             raise InputError(
                 f"{role} checkpoint {path} does not fit {network_id} "
-                f"({json.dumps(describe_network(network), separators=(',', ':'))}): {detail}"
+                f"({json.dumps(describe_network(network), separators=(',', ':'))}): {_mismatch(e)}"
             ) from None
         finally:
             parser.ref_resolver.remove_resolved_content(network_id)

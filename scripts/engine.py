@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from ignite.engine import Events
@@ -15,8 +14,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import PostFix
-from scripts.checkpoints import unwrap
-from scripts.errors import InputError, MissingFileError
+from scripts.checkpoints import load_weights, unwrap
 from scripts.options import parse_bool
 from torch import nn
 
@@ -34,37 +32,15 @@ __all__ = [
 LOSS_LOG = "loss_log"
 """Engine-output key of the averaged loss terms, present on the iterations where :class:`LossLog` read them."""
 
-TEACHER_TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train_teacher.json"
-
 
 def load_teacher(teacher: nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a teacher state dict, freeze it and put it in eval mode.
+    """Load a teacher checkpoint (:func:`scripts.checkpoints.load_weights`), freeze it and put it in eval mode.
 
     Raises:
-        FileNotFoundError: when ``checkpoint`` does not exist; the message gives the command that trains it.
-        ValueError: when the checkpoint does not match the teacher definition (another backbone, say).
+        MissingFileError: when ``checkpoint`` does not exist; the message gives the command that trains it.
+        InputError: when the file is unreadable or does not match the teacher definition (another backbone, say).
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise MissingFileError(
-            f"teacher checkpoint {path} not found. Train the 3D teacher first: {TEACHER_TRAIN_COMMAND}"
-        )
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unreadable or not a state dict
-        raise InputError(f"teacher checkpoint {path} could not be read ({type(e).__name__}: {e}).") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        teacher.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        missing = [line.strip() for line in str(e).splitlines()[1:3]]
-        raise InputError(
-            f"teacher checkpoint {path} does not match the teacher definition ({type(teacher).__name__} "
-            f"{getattr(teacher, 'backbone', '')}): {' '.join(missing)[:400]} ... Retrain it with "
-            f"{TEACHER_TRAIN_COMMAND}, or set the teacher backbone the checkpoint was trained with."
-        ) from None
-    teacher.to(device).eval()
+    teacher = load_weights(teacher, checkpoint, device, role="teacher")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

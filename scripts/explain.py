@@ -45,7 +45,8 @@ from scripts.attention import (
     spearman,
     top_percent_iou,
 )
-from scripts.errors import InputError, MissingFileError
+from scripts.checkpoints import load_weights
+from scripts.errors import InputError
 from scripts.options import parse_bool
 from scripts.saliency import (
     LAYER_GEOMETRY,
@@ -80,7 +81,6 @@ __all__ = [
     "attention_metrics",
     "deletion_scores",
     "randomised_copy",
-    "load_weights",
     "AttentionEvaluation",
 ]
 
@@ -185,35 +185,6 @@ def randomised_copy(network: nn.Module, seed: int = 0) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_weights(
-    network: nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", how_to_train: str = ""
-) -> nn.Module:
-    """Load a checkpoint (a state dict, or ``{"model": state dict}``) into ``network``, in eval mode, on ``device``.
-
-    Raises:
-        MissingFileError: no such file (the message adds ``how_to_train``).
-        InputError: unreadable checkpoint or one that does not match the network definition.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint {path} not found.{' ' + how_to_train if how_to_train else ''}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unreadable or not a state dict
-        raise InputError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}).") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]
-        raise InputError(
-            f"checkpoint {path} does not match the network definition ({type(network).__name__}"
-            f" {getattr(network, 'backbone', '')} {getattr(network, 'projection', '')}): {detail} ..."
-        ) from None
-    return network.to(device).eval()
-
-
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if v.size == 0:
@@ -301,7 +272,7 @@ class AttentionEvaluation:
         self.project = projection_transform
         self.device = torch.device(device)
         self.method = look_up_option(method, SALIENCY_METHODS)
-        self.models = {"teacher": load_weights(copy.deepcopy(teacher), teacher_file, self.device)}
+        self.models = {"teacher": load_weights(copy.deepcopy(teacher), teacher_file, self.device, role="teacher")}
         for name, path in student_files.items():
             if name == "teacher":
                 raise ValueError("'teacher' is the teacher's name in the outputs; give the student another name.")

@@ -49,8 +49,8 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from scripts.attention import attention_metrics, projection_planes
+from scripts.checkpoints import load_weights
 from scripts.errors import InputError, find_input_error
-from scripts.explain import load_weights
 from scripts.report_figure import REPORT_SBR_FEATURES, render_scan_report
 from scripts.saliency import GradCAMSaliency, SaliencyResult
 from torch import nn
@@ -320,8 +320,6 @@ class ReportWriter:
 
     def _prepare(self, engine: Engine) -> None:
         """Saliency networks, teacher and HC ranges, once per run (after the CheckpointLoader's STARTED)."""
-        from scripts.engine import TEACHER_TRAIN_COMMAND
-
         self.records, self.notes, self._names = [], [], set()
         self._failed: dict[str, str] = {}
         net = copy.deepcopy(self.network).to(self.device).eval()
@@ -332,10 +330,10 @@ class ReportWriter:
             self.teacher_cam = GradCAMSaliency(net, self.method)
         elif self.teacher_def is not None and self.teacher_file is not None:
             try:
-                teacher = load_weights(copy.deepcopy(self.teacher_def), self.teacher_file, self.device)
+                teacher = load_weights(copy.deepcopy(self.teacher_def), self.teacher_file, self.device, "teacher")
                 self.teacher_cam = GradCAMSaliency(teacher, self.method)
             except (OSError, ValueError) as e:
-                reason = f"{e} Train it with: {TEACHER_TRAIN_COMMAND}" if isinstance(e, FileNotFoundError) else str(e)
+                reason = str(e)  # a missing file's message gives the command that trains it
                 self.notes.append(f"No teacher panel: {reason}")
                 engine.logger.warning(f"report without the teacher: {reason}")
         else:
