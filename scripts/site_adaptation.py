@@ -53,7 +53,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
+from scipy.stats import norm
 from scripts.errors import InputError
+from scripts.metrics import roc_auc_rows
 from torch import nn
 
 __all__ = [
@@ -119,22 +122,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _sigmoid(z: np.ndarray | float) -> np.ndarray | float:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
-
-
 def _check_size(n: int, min_scans: int, method: str) -> None:
     if n < min_scans:
         raise SiteAdaptationRefusedError(
             f"{method}: the site has {n} scored scans, at least {min_scans} are needed to estimate its operating "
             "point; score more of the site's scans or keep the in-domain threshold (--site_adaptation none)."
         )
-
-
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (pos.size * neg.size))
 
 
 @dataclass
@@ -183,7 +176,7 @@ class SourceScores:
 
     @property
     def auc(self) -> float:
-        return _auc(self.labels, self.scores)
+        return float(roc_auc_rows(self.labels, self.scores)[0])
 
 
 def _platt(scores: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 100) -> tuple[float, float]:
@@ -194,7 +187,7 @@ def _platt(scores: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations:
     x = np.stack([z / scale, np.ones_like(z)], axis=1)
     w = np.zeros(2)
     for _ in range(iterations):
-        p = _sigmoid(x @ w)
+        p = expit(x @ w)
         grad = x.T @ (p - labels) + l2 * w
         hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
         step = np.linalg.solve(hess, grad)
@@ -229,7 +222,7 @@ def em_prior(
     a, b = _platt(source.scores, source.labels)
     if a <= 0:
         raise SiteAdaptationRefusedError("em: the calibration of the validation scores has a non-positive slope.")
-    p = _sigmoid(a * _logit(s) + b)
+    p = expit(a * _logit(s) + b)
     prior_s = source.prior
     pi, converged, iterations = prior_s, False, 0
     while iterations < max_iter:
@@ -281,10 +274,6 @@ def bbse_prior(scores: Sequence[float], source: SourceScores, min_scans: int = M
         "fpr": fpr,
         "clipped": raw != min(1.0, max(0.0, raw)),
     }
-
-
-def _normal_pdf(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
-    return np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
 
 
 def _crossing(m0: float, s0: float, m1: float, s1: float, w0: float = 0.5, w1: float = 0.5) -> float:
@@ -353,7 +342,7 @@ def fit_mixture(
     weights = np.array([0.5, 0.5])
     loglik = -np.inf
     for _ in range(max_iter):
-        dens = np.stack([w * _normal_pdf(z, m, sd) for w, m, sd in zip(weights, means, sds)], axis=1) + 1e-300
+        dens = np.stack([w * norm.pdf(z, m, sd) for w, m, sd in zip(weights, means, sds)], axis=1) + 1e-300
         total = dens.sum(axis=1, keepdims=True)
         resp = dens / total
         nk = resp.sum(axis=0) + 1e-12
@@ -368,7 +357,7 @@ def fit_mixture(
         loglik = new
     order = np.argsort(means)
     means, sds, weights = means[order], sds[order], weights[order]
-    loglik1 = float(np.log(_normal_pdf(z, float(z.mean()), max(sd_all, floor)) + 1e-300).sum())
+    loglik1 = float(np.log(norm.pdf(z, float(z.mean()), max(sd_all, floor)) + 1e-300).sum())
     bic_gain = (2 * math.log(z.size) - 2 * loglik1) - (5 * math.log(z.size) - 2 * loglik)  # BIC(1) - BIC(2)
     separation = float(math.sqrt(2) * (means[1] - means[0]) / math.sqrt(sds[0] ** 2 + sds[1] ** 2))
     fit = {
@@ -394,9 +383,9 @@ def fit_mixture(
     t_bayes = _crossing(means[0], sds[0], means[1], sds[1], weights[0], weights[1])
     return {
         "pd_share": float(weights[1]),
-        "threshold": float(_sigmoid(t)),
+        "threshold": float(expit(t)),
         "logit_threshold": t,
-        "bayes_threshold": float(_sigmoid(t_bayes)),
+        "bayes_threshold": float(expit(t_bayes)),
         **fit,
     }
 
