@@ -160,7 +160,6 @@ OPTIONS: dict[str, Option] = {
     "non_blocking": Option("bool"),
     "channels_last": Option("bool"),
     "plain_tensor_batch": Option("bool"),
-    "partial_resampling": Option("bool"),
     "faithfulness": Option("bool"),
     "save_execute_config": Option("bool"),
     "device": Option("device"),

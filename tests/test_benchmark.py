@@ -148,8 +148,7 @@ def test_overhead_separates_the_fixed_cost_from_the_copy():
 def test_latency_and_folder_throughput_of_teacher_and_students(report):
     rows = {r["name"]: r for r in report["inference"]["rows"]}
     assert set(rows) == {"teacher", PROJECTION, f"{PROJECTION}_auto"}
-    assert rows[PROJECTION]["partial_resampling"] is True  # the configs' template centre: only the planes read
-    assert rows[f"{PROJECTION}_auto"]["partial_resampling"] is False  # an automatic centre: the whole volume
+    assert rows[f"{PROJECTION}_auto"]["slice_centre"] == "auto"
     teacher = rows["teacher"]
     for row in rows.values():
         assert _positive(row["p50_ms"]) and row["p95_ms"] >= row["p50_ms"]

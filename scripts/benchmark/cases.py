@@ -560,7 +560,6 @@ def _latency_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, An
         "model": spec["model"],
         "projection": spec.get("projection"),
         "slice_centre": spec["overrides"].get("slice_centre", "config"),
-        "partial_resampling": bool(getattr(preprocessing, "partial", False)),
         "input_shape": shape,
         "scans": len(total),
         "p50_ms": percentile(total, 50) * ms,

@@ -212,7 +212,6 @@ def _inference_section(cases: Sequence[Mapping], results: Mapping[str, dict]) ->
                 "model": spec["model"],
                 "projection": spec.get("projection"),
                 "slice_centre": lat.get("slice_centre"),
-                "partial_resampling": lat.get("partial_resampling"),
                 "p50_ms": lat.get("p50_ms"),
                 "p95_ms": lat.get("p95_ms"),
                 "preprocess_p50_ms": lat.get("preprocess_p50_ms"),
@@ -459,7 +458,7 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
         centre = (
             ""
             if row["model"] == "teacher"
-            else (" (template centre, partial)" if row["partial_resampling"] else " (auto centre, whole volume)")
+            else (" (auto centre)" if row["slice_centre"] == "auto" else " (configured centre)")
         )
         name = "teacher (3D)" if row["model"] == "teacher" else f"{row['projection']}{centre}"
         rows.append(
