@@ -1,30 +1,11 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Synthetic DaTscan (123I-FP-CIT SPECT) and AV133-like (VMAT2 PET) phantoms with known ground truth.
+"""Synthetic DaTscan (123I-FP-CIT SPECT) and AV133-like (VMAT2 PET) phantoms with known ground truth: data sets.
 
-Each subject is a set of latent parameters (age, sex, dopamine-transporter level, physiological asymmetry,
-striatal size and, for PD, the spatial pattern and severity of the loss). A scan ("visit") adds the
-acquisition: point-spread function, counts, global intensity and a small residual pose. Rendering is
-
-    activity(p) = e * head(q) + (1 - e) * brain(q) + sum_s frac_s(q) * BP_s(t_s(q)),   q = pose^-1(p)
-    counts      = Poisson(c * (G_fwhm * activity))
-    volume      = k * (G_post * counts)
-
-with ``e`` the extracerebral uptake, ``frac_s`` the anti-aliased membership of striatal structure ``s``,
-``BP_s(t)`` its true specific binding (background brain = 1) at the normalised antero-posterior position
-``t``, ``c`` the counts per background voxel, ``G`` Gaussian kernels and ``k`` the global intensity scale.
-
-**Disease model (PD only).** On the most affected hemisphere (contralateral to the clinically most affected
-body side) the posterior putamen loses a fraction ``L_post``; the loss falls linearly to
-``L_ant = L_post * r_ant`` at the anterior end, the caudate loses ``L_post * r_caud`` and all losses on the
-other hemisphere are multiplied by ``f_ipsi``: ``BP = BP_0 * (1 - loss(t))``. A fraction of PD subjects is
-"mild" (``L_post ~ U(0.2, 0.5)``), which is what sets the overlap with healthy controls. Optionally a further
-fraction is "early unilateral": the severe ``L_post`` on the most affected side but a small ``f_ipsi``
-(``unilateral_fraction``, ``unilateral_ipsilateral_range``; 0 by default).
-
-Nuisance variables (age, sex, pose, PSF, counts, intensity, striatal size) are drawn from each subject's own
-random stream, independently of the label. Biological latents are shared between modalities: the same seed
-gives the same subjects for ``spect`` and ``av133``.
+The phantom model is in two modules: :mod:`scripts.synthetic.subjects` (generator parameters, each subject's
+latents, acquisition and true binding, the disease model) and :mod:`scripts.synthetic.render` (the activity map and
+the rendered, noisy, blurred volume). This module builds data sets from them (the public names of both are
+re-exported here, the generator's one interface).
 
 The defaults of :class:`PhantomConfig` are calibrated so that template-ROI SBRs reproduce published PPMI-like
 statistics (HC caudate ~2.9, putamen ~2.1, PD putamen ~0.9, putamen asymmetry ~8 % HC / ~30 % PD, a
@@ -45,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import gzip
 import json
 import math
 import multiprocessing
@@ -55,22 +34,25 @@ import pathlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
-from scripts.anatomy import (
-    MNI_2MM_AFFINE,
-    MNI_2MM_SHAPE,
-    SIDES,
-    brain_ellipsoid,
-    evaluate_rois,
-    head_ellipsoid,
-    roi_mean_ap_position,
-    striatal_distances,
-    striatal_structures,
-    world_coordinates,
-)
+from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from scripts.synthetic.presets import PRESETS, STUDY_SETS, Preset, get_preset, study_seed
+from scripts.synthetic.render import _write_nifti, activity_map, gaussian_blur, render_volume
+from scripts.synthetic.subjects import (
+    MODALITIES,
+    SPLIT_NAMES,
+    Acquisition,
+    PhantomConfig,
+    PhantomSubject,
+    SubjectLatents,
+    build_subject,
+    default_config,
+    dorsal_position,
+    sample_subject,
+    subject_rng,
+    true_binding,
+)
 
 __all__ = [
     "MODALITIES",
@@ -95,704 +77,6 @@ __all__ = [
     "dorsal_position",
     "main",
 ]
-
-MODALITIES: tuple[str, ...] = ("spect", "av133")
-SPLIT_NAMES: tuple[str, str, str] = ("training", "validation", "test")
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-# Per-hemisphere centre (mm) about which a subject's striatal size is scaled, so that the striatum stays put.
-_STRIATAL_SCALE_CENTRE = {"L": np.array([-20.0, 4.0, 6.0]), "R": np.array([20.0, 4.0, 6.0])}
-# Reference voxel volume (mm^3) for the counts-per-voxel parameter: one voxel of the MNI 2 mm grid.
-_REFERENCE_VOXEL_MM3 = 8.0
-
-
-@dataclass(frozen=True)
-class PhantomConfig:
-    """Generator parameters. Use :func:`default_config` for a modality's defaults; any field can be overridden.
-
-    Ranges are ``(low, high)`` of a uniform distribution unless stated otherwise. ``*_bp`` are true
-    (pre partial-volume) specific bindings of a 60-year-old man, relative to background brain = 1.
-    """
-
-    modality: str = "spect"
-    # Demography.
-    age_mean: float = 61.0
-    age_sd: float = 10.0
-    age_range: tuple[float, float] = (30.0, 85.0)
-    female_probability: float = 0.38
-    # Healthy binding.
-    caudate_bp: float = 6.5
-    putamen_bp: float = 3.5
-    age_decline_per_decade: float = 0.06
-    female_factor: float = 1.10
-    global_sd: float = 0.17  # SD of log g, the subject's global transporter level
-    structure_sd: float = 0.04  # SD of the per-structure, per-side lognormal factor
-    asymmetry_sd: float = 0.03  # physiological L/R asymmetry a: left x (1 + a), right x (1 - a)
-    striatal_volume_sd: float = 0.08  # striatal volume factor ~ N(1, sd) (clipped to +-3 sd); linear scale = cube root
-    extracerebral_range: tuple[float, float] = (0.08, 0.2)
-    # PD model.
-    mild_fraction: float = 0.07
-    mild_loss_range: tuple[float, float] = (0.2, 0.5)
-    # Early unilateral PD: strong loss on the most affected side (the severe L_post) and little on the other side.
-    unilateral_fraction: float = 0.0
-    unilateral_ipsilateral_range: tuple[float, float] = (0.1, 0.4)
-    # Dorsal-ventral physiology (0 / off by default). ``dv_gradient_range``: the loss of every PD subject is scaled by
-    # ``1 + gamma (2 h - 1)`` along the dorsal-ventral position ``h`` (0 ventral, 1 dorsal) of each structure,
-    # ``gamma ~ U(range)``, so that the dorsal striatum loses more than the ventral (same mean loss).
-    # ``dorsal_only_fraction``: early PD whose loss (posterior ``L ~ U(dorsal_only_loss_range)`` on the most affected
-    # side) is confined above ``h = b``, ``b ~ U(dorsal_only_boundary_range)`` (a 0.2-wide ramp in ``h``).
-    dv_gradient_range: tuple[float, float] = (0.0, 0.0)
-    dorsal_only_fraction: float = 0.0
-    dorsal_only_loss_range: tuple[float, float] = (0.4, 0.8)
-    dorsal_only_boundary_range: tuple[float, float] = (0.45, 0.6)
-    severe_loss_beta: tuple[float, float] = (9.0, 1.6)
-    severe_loss_clip: tuple[float, float] = (0.45, 0.99)
-    anterior_ratio_range: tuple[float, float] = (0.55, 0.9)
-    caudate_ratio_range: tuple[float, float] = (0.3, 0.6)
-    ipsilateral_range: tuple[float, float] = (0.7, 0.95)
-    progression_per_year_range: tuple[float, float] = (0.05, 0.10)
-    max_loss: float = 0.99
-    # Acquisition.
-    fwhm_range_mm: tuple[float, float] = (10.0, 14.0)
-    counts_range: tuple[float, float] = (20.0, 50.0)  # expected counts per 2 mm background voxel
-    post_sigma_mm: float = 1.6  # Gaussian smoothing after the noise (0.8 voxel of the 2 mm grid)
-    intensity_log_sd: float = 0.3
-    per_count_units: bool = False  # False: counts x k; True: counts / c x k (ratio-like PET units)
-    translation_sd_mm: float = 1.0
-    translation_clip_mm: float = 3.0
-    rotation_sd_deg: float = 2.0
-    rotation_clip_deg: float = 6.0
-    # Between-subject z (inferior-superior) translation and pitch (rotation about the left-right axis); ``None``:
-    # the same as the other axes (``translation_*`` / ``rotation_*``).
-    z_translation_sd_mm: float | None = None
-    z_translation_clip_mm: float | None = None
-    pitch_sd_deg: float | None = None
-    pitch_clip_deg: float | None = None
-    pose_scale_sd: float = 0.03
-    pose_scale_clip: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}.")
-        for name in ("caudate_bp", "putamen_bp", "female_factor", "post_sigma_mm", "age_sd"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}.")
-        for name in (
-            "global_sd",
-            "structure_sd",
-            "asymmetry_sd",
-            "striatal_volume_sd",
-            "intensity_log_sd",
-            "translation_sd_mm",
-            "rotation_sd_deg",
-            "pose_scale_sd",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative standard deviation, got {getattr(self, name)}.")
-        for name in ("z_translation_sd_mm", "z_translation_clip_mm", "pitch_sd_deg", "pitch_clip_deg"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative (or None), got {getattr(self, name)}.")
-        for name in ("female_probability", "mild_fraction", "unilateral_fraction", "dorsal_only_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}.")
-        if self.mild_fraction + self.unilateral_fraction + self.dorsal_only_fraction > 1.0 + 1e-12:
-            raise ValueError(
-                "mild_fraction + unilateral_fraction + dorsal_only_fraction must not exceed 1, got "
-                f"{self.mild_fraction} + {self.unilateral_fraction} + {self.dorsal_only_fraction}."
-            )
-        if self.dv_gradient_range[0] < 0 or self.dv_gradient_range[1] >= 1:
-            raise ValueError(f"dv_gradient_range must lie in [0, 1), got {self.dv_gradient_range}.")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith(("_range", "_range_mm", "_loss_clip")) and not (
-                isinstance(value, tuple) and len(value) == 2 and value[0] <= value[1]
-            ):
-                raise ValueError(f"{f.name} must be a (low, high) pair with low <= high, got {value!r}.")
-        if self.fwhm_range_mm[0] <= 0 or self.counts_range[0] <= 0:
-            raise ValueError(
-                f"fwhm_range_mm and counts_range must be positive, got {self.fwhm_range_mm} and {self.counts_range}."
-            )
-        if (
-            not (isinstance(self.severe_loss_beta, tuple) and len(self.severe_loss_beta) == 2)
-            or min(self.severe_loss_beta) <= 0
-        ):
-            raise ValueError(f"severe_loss_beta parameters must be positive, got {self.severe_loss_beta}.")
-        if not 0.0 <= self.max_loss <= 1.0:
-            raise ValueError(f"max_loss must be in [0, 1], got {self.max_loss}.")
-
-    def replace(self, **overrides) -> PhantomConfig:
-        """Return a copy with ``overrides`` applied; unknown names raise a ``ValueError`` listing valid ones."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(f"unknown phantom parameter(s) {unknown}; valid names are {sorted(names)}.")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        return dataclasses.replace(self, **fixed)
-
-
-def default_config(modality: str = "spect", **overrides) -> PhantomConfig:
-    """Default generator parameters for ``modality`` (``"spect"`` or ``"av133"``), with ``overrides`` applied.
-
-    ``av133`` is a VMAT2 PET-like domain: 4-6 mm FWHM, about three times the counts with weaker post-smoothing,
-    putamen >= caudate in controls (true BP caudate 3.0, putamen 3.6), -5 %/decade, ratio-like units, and a PD
-    pattern with mean losses caudate ~45 %, anterior putamen ~70 % and posterior putamen ~80 % on the most
-    affected side, the other side x ~0.83.
-    """
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
-    base = PhantomConfig(modality=modality)
-    if modality == "av133":
-        base = base.replace(
-            caudate_bp=3.0,
-            putamen_bp=3.6,
-            age_decline_per_decade=0.05,
-            anterior_ratio_range=(0.8, 0.95),
-            caudate_ratio_range=(0.45, 0.67),
-            ipsilateral_range=(0.75, 0.91),
-            fwhm_range_mm=(4.0, 6.0),
-            counts_range=(60.0, 150.0),
-            post_sigma_mm=1.0,
-            per_count_units=True,
-        )
-    return base.replace(**overrides)
-
-
-@dataclass(frozen=True)
-class SubjectLatents:
-    """Biological latent parameters of one subject (shared by all visits and by both modalities).
-
-    ``loss_*`` fields hold the PD pattern; they are drawn for every subject (so that the random stream does not
-    depend on the label) but only used when ``label == 1``.
-    """
-
-    label: int
-    age: float
-    sex: str
-    global_factor: float
-    structure_factors: dict[str, float]
-    asymmetry: float
-    anatomical_scale: float
-    extracerebral: float
-    affected_side: str
-    is_mild: bool
-    posterior_loss: float
-    anterior_ratio: float
-    caudate_ratio: float
-    ipsilateral_factor: float
-    progression_per_year: float
-    is_unilateral: bool = False
-    dv_gradient: float = 0.0
-    is_dorsal_only: bool = False
-    dorsal_boundary: float = 0.0
-
-    @property
-    def dorsal_ventral(self) -> bool:
-        """Whether the loss varies along the dorsal-ventral axis (a gradient, or dorsal-only early PD)."""
-        return self.dv_gradient > 0.0 or self.is_dorsal_only
-
-
-@dataclass(frozen=True)
-class Acquisition:
-    """Acquisition of one scan: PSF, counts, intensity, residual pose (image = R (s q) + translation), noise seed."""
-
-    fwhm_mm: float
-    counts: float
-    intensity_scale: float
-    translation_mm: tuple[float, float, float]
-    rotation_deg: tuple[float, float, float]
-    scale: float
-    noise_seed: int
-
-    def pose_dict(self) -> dict:
-        return {
-            "translation_mm": [round(v, 4) for v in self.translation_mm],
-            "rotation_deg": [round(v, 4) for v in self.rotation_deg],
-            "scale": round(self.scale, 5),
-        }
-
-
-@dataclass(frozen=True)
-class PhantomSubject:
-    """A subject: latents, the generator config and one :class:`Acquisition` per visit (visit ``v`` at year ``v``)."""
-
-    subject_id: str
-    latents: SubjectLatents
-    config: PhantomConfig
-    visits: tuple[Acquisition, ...] = field(default_factory=tuple)
-
-    @property
-    def label(self) -> int:
-        return self.latents.label
-
-    def years(self, visit: int) -> float:
-        """Years since baseline of 0-based ``visit``."""
-        return float(visit)
-
-
-def subject_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
-    """The generator of subject ``index``'s ``stream`` (0: latents, 1: visit count, 2 + v: visit ``v``).
-
-    Derived from ``SeedSequence(seed, spawn_key=(1, index, stream))``, so it does not depend on how many subjects
-    are generated, in which order, or by which worker process.
-    """
-    return np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=(1, int(index), int(stream))))
-    )
-
-
-def _uniform(u: float, bounds: tuple[float, float]) -> float:
-    return float(bounds[0] + (bounds[1] - bounds[0]) * u)
-
-
-def _sample_latents(rng: np.random.Generator, label: int, config: PhantomConfig) -> SubjectLatents:
-    # The draw order is fixed and every draw happens for every subject, whatever the label or the parameters.
-    age = float(np.clip(config.age_mean + config.age_sd * rng.standard_normal(), *config.age_range))
-    sex = "F" if rng.random() < config.female_probability else "M"
-    g = float(np.exp(config.global_sd * rng.standard_normal()))
-    z = rng.standard_normal(4)
-    factors = {
-        name: float(np.exp(config.structure_sd * z[i]))
-        for i, name in enumerate(("caudate_L", "caudate_R", "putamen_L", "putamen_R"))
-    }
-    asym = float(config.asymmetry_sd * rng.standard_normal())
-    anat = float(np.cbrt(1.0 + config.striatal_volume_sd * np.clip(rng.standard_normal(), -3.0, 3.0)))
-    extra = _uniform(rng.random(), config.extracerebral_range)
-    side = "L" if rng.random() < 0.5 else "R"
-    u_mild = rng.random()
-    mild_loss = _uniform(rng.random(), config.mild_loss_range)
-    severe_loss = float(np.clip(rng.beta(*config.severe_loss_beta), *config.severe_loss_clip))
-    is_mild = bool(u_mild < config.mild_fraction)
-    # The PD subtype comes from the same uniform: [0, mild) mild, [mild, mild + unilateral) early unilateral, else
-    # bilateral. No extra draw, so presets without unilateral PD reproduce the original random streams exactly.
-    is_unilateral = bool(not is_mild and u_mild < config.mild_fraction + config.unilateral_fraction)
-    is_dorsal_only = bool(
-        not is_mild
-        and not is_unilateral
-        and u_mild < config.mild_fraction + config.unilateral_fraction + config.dorsal_only_fraction
-    )
-    u = rng.random(4)
-    # Dorsal-ventral draws only when the config uses them, so other presets keep their random streams exactly.
-    dv = rng.random(3) if config.dv_gradient_range[1] > 0 or config.dorsal_only_fraction > 0 else np.zeros(3)
-    if is_dorsal_only:
-        severe_loss = _uniform(dv[1], config.dorsal_only_loss_range)
-    return SubjectLatents(
-        label=int(label),
-        age=age,
-        sex=sex,
-        global_factor=g,
-        structure_factors=factors,
-        asymmetry=asym,
-        anatomical_scale=anat,
-        extracerebral=extra,
-        affected_side=side,
-        is_mild=is_mild,
-        posterior_loss=mild_loss if is_mild else severe_loss,
-        anterior_ratio=_uniform(u[0], config.anterior_ratio_range),
-        caudate_ratio=_uniform(u[1], config.caudate_ratio_range),
-        ipsilateral_factor=_uniform(
-            u[2], config.unilateral_ipsilateral_range if is_unilateral else config.ipsilateral_range
-        ),
-        progression_per_year=_uniform(u[3], config.progression_per_year_range),
-        is_unilateral=is_unilateral,
-        dv_gradient=0.0 if is_dorsal_only else _uniform(dv[0], config.dv_gradient_range),
-        is_dorsal_only=is_dorsal_only,
-        dorsal_boundary=_uniform(dv[2], config.dorsal_only_boundary_range) if is_dorsal_only else 0.0,
-    )
-
-
-def _sample_acquisition(rng: np.random.Generator, config: PhantomConfig) -> Acquisition:
-    u = rng.random(2)
-    log_k = rng.standard_normal()
-
-    def _axes(sd, clip, special_axis, special_sd, special_clip):
-        sds, clips = np.full(3, float(sd)), np.full(3, float(clip))
-        if special_sd is not None:
-            sds[special_axis] = special_sd
-        if special_clip is not None:
-            clips[special_axis] = special_clip
-        return sds, clips
-
-    t_sd, t_clip = _axes(
-        config.translation_sd_mm,
-        config.translation_clip_mm,
-        2,
-        config.z_translation_sd_mm,
-        config.z_translation_clip_mm,
-    )
-    r_sd, r_clip = _axes(
-        config.rotation_sd_deg, config.rotation_clip_deg, 0, config.pitch_sd_deg, config.pitch_clip_deg
-    )
-    t = np.clip(t_sd * rng.standard_normal(3), -t_clip, t_clip)
-    r = np.clip(r_sd * rng.standard_normal(3), -r_clip, r_clip)
-    s = 1.0 + float(
-        np.clip(config.pose_scale_sd * rng.standard_normal(), -config.pose_scale_clip, config.pose_scale_clip)
-    )
-    return Acquisition(
-        fwhm_mm=_uniform(u[0], config.fwhm_range_mm),
-        counts=_uniform(u[1], config.counts_range),
-        intensity_scale=float(np.exp(config.intensity_log_sd * log_k)),
-        translation_mm=tuple(float(v) for v in t),
-        rotation_deg=tuple(float(v) for v in r),
-        scale=s,
-        noise_seed=int(rng.integers(0, 2**63 - 1)),
-    )
-
-
-def sample_subject(
-    rng: np.random.Generator | int,
-    label: int,
-    config: PhantomConfig | str = "spect",
-    n_visits: int = 1,
-    subject_id: str = "sub-0001",
-) -> PhantomSubject:
-    """Draw one subject's latents and ``n_visits`` acquisitions.
-
-    Args:
-        rng: a numpy ``Generator`` used for everything (latents first, then each visit in order), or an int seed.
-        label: 0 (HC) or 1 (PD).
-        config: a :class:`PhantomConfig` or a modality name (its defaults).
-        n_visits: number of scans of this subject, at years 0, 1, ..., ``n_visits - 1``.
-        subject_id: identifier stored on the subject.
-    """
-    if label not in (0, 1):
-        raise ValueError(f"label must be 0 (HC) or 1 (PD), got {label!r}.")
-    if int(n_visits) < 1:
-        raise ValueError(f"n_visits must be >= 1, got {n_visits}.")
-    cfg = default_config(config) if isinstance(config, str) else config
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    latents = _sample_latents(gen, label, cfg)
-    visits = tuple(_sample_acquisition(gen, cfg) for _ in range(int(n_visits)))
-    return PhantomSubject(subject_id=subject_id, latents=latents, config=cfg, visits=visits)
-
-
-def dorsal_position(name: str, points: np.ndarray) -> np.ndarray:
-    """Normalised dorsal-ventral position ``h`` in ``[0, 1]`` (0 ventral, 1 dorsal) of template ``points`` in ``name``.
-
-    Putamen: along the ellipsoid's own supero-inferior axis, ``h = (u_1 / D_1 + 1) / 2``. Caudate: the template
-    height ``z`` between the lowest and highest point of the tube (the head is ventral, the body and tail dorsal).
-    """
-    struct = striatal_structures()[name]
-    pts = np.asarray(points, dtype=np.float64)
-    if name.startswith("putamen"):
-        u1 = struct.local(pts)[..., 1]
-        return np.clip(0.5 * (u1 / struct.semi_axes[1] + 1.0), 0.0, 1.0)
-    low, high = struct.bounding_box(0.0)
-    return np.clip((pts[..., 2] - low[2]) / (high[2] - low[2]), 0.0, 1.0)
-
-
-def _dorsal_weight(h: np.ndarray, latents: SubjectLatents) -> np.ndarray:
-    """Factor on the loss at dorsal-ventral position ``h``: ``1 + gamma (2h - 1)``, or the dorsal-only ramp
-    ``clip((h - b) / 0.2 + 0.5, 0, 1)`` of early PD whose loss is confined above ``h = b``."""
-    if latents.is_dorsal_only:
-        return np.clip((h - latents.dorsal_boundary) / 0.2 + 0.5, 0.0, 1.0)
-    return 1.0 + latents.dv_gradient * (2.0 * h - 1.0)
-
-
-def _local_loss(p: Mapping[str, float], t: np.ndarray, h: np.ndarray | None, latents: SubjectLatents, cap: float):
-    """Loss at antero-posterior ``t`` and dorsal-ventral ``h`` (``None``: no dorsal-ventral variation)."""
-    loss = p["loss_post"] + (p["loss_ant"] - p["loss_post"]) * t
-    if h is None:
-        return loss
-    return np.minimum(loss * _dorsal_weight(h, latents), cap)
-
-
-def _structure_parameters(subject: PhantomSubject, visit: int) -> dict[str, dict[str, float]]:
-    """Healthy binding and loss parameters per structure for a visit: ``{struct: {bp, loss_post, loss_ant}}``."""
-    lat, cfg = subject.latents, subject.config
-    age = lat.age + subject.years(visit)
-    common = (1.0 - cfg.age_decline_per_decade * (age - 60.0) / 10.0) * lat.global_factor
-    if lat.sex == "F":
-        common *= cfg.female_factor
-    l_post = 0.0
-    if lat.label == 1:
-        l_post = min(lat.posterior_loss + lat.progression_per_year * subject.years(visit), cfg.max_loss)
-    out = {}
-    for side in SIDES:
-        hemi = common * (1.0 + lat.asymmetry if side == "L" else 1.0 - lat.asymmetry)
-        f = 1.0 if side == lat.affected_side else lat.ipsilateral_factor
-        post = l_post * f
-        out[f"caudate_{side}"] = {
-            "bp": cfg.caudate_bp * hemi * lat.structure_factors[f"caudate_{side}"],
-            "loss_post": l_post * lat.caudate_ratio * f,
-            "loss_ant": l_post * lat.caudate_ratio * f,
-        }
-        out[f"putamen_{side}"] = {
-            "bp": cfg.putamen_bp * hemi * lat.structure_factors[f"putamen_{side}"],
-            "loss_post": post,
-            "loss_ant": post * lat.anterior_ratio,
-        }
-    return out
-
-
-def true_binding(subject: PhantomSubject, visit: int = 0) -> dict[str, float]:
-    """True (pre partial-volume) mean specific binding of each template region for a visit.
-
-    Returns:
-        ``{region: BP}`` for caudate_L/R, putamen_L/R, putamen_ant_L/R and putamen_post_L/R, where each value is
-        the mean of ``BP_0 (1 - loss(t))`` over the region; exact because the loss is linear in ``t``.
-    """
-    params = _structure_parameters(subject, visit)
-    if subject.label == 1 and subject.latents.dorsal_ventral:
-        # Not linear in t any more: average BP_0 (1 - loss(t, h)) over the ROI's template sample points.
-        samples = _roi_samples()
-        out = {}
-        for region, (t, h) in samples.items():
-            struct = ("caudate_" if region.startswith("caudate") else "putamen_") + region[-1]
-            p = params[struct]
-            loss = _local_loss(p, t, h, subject.latents, subject.config.max_loss)
-            out[region] = float(p["bp"] * (1.0 - loss.mean()))
-        return out
-    mean_t = roi_mean_ap_position()
-    out = {}
-    for side in SIDES:
-        for region in (f"caudate_{side}", f"putamen_{side}", f"putamen_ant_{side}", f"putamen_post_{side}"):
-            p = params[f"caudate_{side}" if region.startswith("caudate") else f"putamen_{side}"]
-            t = mean_t[region]
-            out[region] = float(p["bp"] * (1.0 - (p["loss_post"] + (p["loss_ant"] - p["loss_post"]) * t)))
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _roi_samples(spacing_mm: float = 1.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{roi: (t, h)}`` of the template sample points of every striatal ROI (as in ``roi_mean_ap_position``)."""
-    axis = np.arange(-60.0, 60.0 + spacing_mm / 2, spacing_mm)
-    pts = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
-    pts = pts[
-        (np.abs(pts[:, 0]) <= 50) & (pts[:, 1] >= -45) & (pts[:, 1] <= 45) & (pts[:, 2] >= -30) & (pts[:, 2] <= 40)
-    ]
-    rois = evaluate_rois(pts)
-    dist = striatal_distances(pts, margin=1.0)
-    out = {}
-    for side in SIDES:
-        for region in (f"caudate_{side}", f"putamen_{side}", f"putamen_ant_{side}", f"putamen_post_{side}"):
-            struct = f"caudate_{side}" if region.startswith("caudate") else f"putamen_{side}"
-            mask = rois[region]
-            out[region] = (dist[struct][1][mask], dorsal_position(struct, pts[mask]))
-    return out
-
-
-def _rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
-    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _fast_length(n: int) -> int:
-    """Smallest 2-3-5-smooth integer >= ``n`` (efficient FFT length)."""
-    m = n
-    while True:
-        k = m
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        if k == 1:
-            return m
-        m += 1
-
-
-def gaussian_blur(volume: np.ndarray, sigma_vox: Sequence[float] | float, truncate: float = 4.0) -> np.ndarray:
-    """Isotropic/anisotropic Gaussian blur of a 3-D volume by FFT, with zero padding (no wrap-around).
-
-    ``out = irfftn(rfftn(pad(v)) * prod_d exp(-2 pi^2 sigma_d^2 f_d^2))`` cropped back to ``volume.shape``; each axis
-    is zero-padded by at least ``truncate * sigma_d`` voxels to an FFT-friendly length, so the result matches a
-    linear convolution with a Gaussian of standard deviation ``sigma_d`` voxels up to ``exp(-truncate^2 / 2)``.
-
-    Args:
-        volume: ``(X, Y, Z)`` array.
-        sigma_vox: standard deviation in voxels, one value or one per axis; 0 leaves an axis untouched.
-        truncate: minimum zero padding per axis, in standard deviations.
-
-    Returns:
-        float32 ``(X, Y, Z)`` array.
-    """
-    vol = np.asarray(volume, dtype=np.float32)
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be 3-D (X, Y, Z), got shape {vol.shape}.")
-    sig = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
-    if np.any(sig < 0):
-        raise ValueError(f"sigma_vox must be non-negative, got {tuple(sig)}.")
-    if not np.any(sig > 0):
-        return vol.copy()
-    padded = tuple(_fast_length(n + int(math.ceil(truncate * s)) + 1) for n, s in zip(vol.shape, sig))
-    spec = np.fft.rfftn(vol, s=padded, axes=(0, 1, 2))
-    gains = []
-    for d, (m, s) in enumerate(zip(padded, sig)):
-        f = np.fft.rfftfreq(m) if d == 2 else np.fft.fftfreq(m)
-        gains.append(np.exp(-2.0 * (np.pi * s * f) ** 2).astype(np.float32))
-    spec *= gains[0][:, None, None]
-    spec *= gains[1][None, :, None]
-    spec *= gains[2][None, None, :]
-    out = np.fft.irfftn(spec, s=padded, axes=(0, 1, 2))
-    return np.ascontiguousarray(out[: vol.shape[0], : vol.shape[1], : vol.shape[2]], dtype=np.float32)
-
-
-_GRID_CACHE: dict = {}
-
-
-def _grid_cache(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    key = (shape, tuple(np.round(np.asarray(affine, dtype=np.float64), 6).ravel().tolist()))
-    cached = _GRID_CACHE.get(key)
-    if cached is None:
-        world = world_coordinates(shape, affine).reshape(-1, 3).astype(np.float32)
-        spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-        cached = (world, spacing)
-        _GRID_CACHE.clear()
-        _GRID_CACHE[key] = cached
-    return cached
-
-
-def _in_box(points: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """``(N,)`` bool: rows of ``points`` ``(N, 3)`` inside the axis-aligned box ``[low, high]``."""
-    inside = (points[:, 0] >= low[0]) & (points[:, 0] <= high[0])
-    for d in (1, 2):
-        inside &= (points[:, d] >= low[d]) & (points[:, d] <= high[d])
-    return inside
-
-
-def _membership(distance: np.ndarray, width: float) -> np.ndarray:
-    """Anti-aliased occupancy ``clip(0.5 - d / width, 0, 1)`` of a voxel whose centre is ``d`` mm from a surface."""
-    return np.clip(0.5 - distance / width, 0.0, 1.0)
-
-
-def activity_map(
-    subject: PhantomSubject, visit: int = 0, shape: Sequence[int] = MNI_2MM_SHAPE, affine: np.ndarray = MNI_2MM_AFFINE
-) -> np.ndarray:
-    """Noise-free, unblurred activity (background brain = 1) of a visit on the grid ``(shape, affine)``.
-
-    Every voxel centre ``p`` is mapped to template space by the visit's inverse pose ``q = R^T (p - t) / s`` and,
-    for the striatum, by the subject's size factor about a per-hemisphere centre; shapes are anti-aliased with
-    ``clip(0.5 - d / voxel, 0, 1)`` of the signed distance ``d``.
-
-    Args:
-        subject: from :func:`sample_subject`.
-        visit: 0-based visit index.
-        shape: grid shape ``(X, Y, Z)``.
-        affine: ``(4, 4)`` voxel -> world (MNI mm) affine of the grid.
-
-    Returns:
-        float32 ``(X, Y, Z)`` array: extracerebral layer ``e``, brain 1, striatum ``1 + BP(t)``.
-    """
-    if isinstance(visit, bool) or not isinstance(visit, (int, np.integer)) or not 0 <= visit < len(subject.visits):
-        raise ValueError(
-            f"visit must be an int in [0, {len(subject.visits)}) for {subject.subject_id}, got {visit!r} "
-            "(the modality is part of the subject's config)."
-        )
-    shape = tuple(int(s) for s in shape)
-    world, spacing = _grid_cache(shape, affine)
-    acq, lat = subject.visits[visit], subject.latents
-    width = float(spacing.mean())
-    # Template coordinates of every voxel centre: q = R^T (p - t) / s.
-    rot = _rotation_matrix(acq.rotation_deg)
-    inv = rot / acq.scale  # q_j = sum_i (p_i - t_i) R_ij / s, written per column (much faster than an (N, 3) matmul)
-    rel = [world[:, i] - np.float32(acq.translation_mm[i]) for i in range(3)]
-    q_all = np.empty_like(world)
-    for j in range(3):
-        q_all[:, j] = rel[0] * np.float32(inv[0, j]) + rel[1] * np.float32(inv[1, j]) + rel[2] * np.float32(inv[2, j])
-    act = np.zeros(world.shape[0], dtype=np.float32)
-    head = head_ellipsoid()
-    low, high = head.bounding_box(2.0 * width)
-    in_box = _in_box(q_all, low, high)
-    q = np.compress(in_box, q_all, axis=0)
-    head_frac = _membership(acq.scale * head.signed_distance(q), width)
-    brain_frac = _membership(acq.scale * brain_ellipsoid().signed_distance(q), width)
-    values = lat.extracerebral * head_frac + (1.0 - lat.extracerebral) * brain_frac
-    params = _structure_parameters(subject, visit)
-    s_anat = lat.anatomical_scale
-    structs = striatal_structures()
-    # Only voxels near the (scaled) striatum need the structure geometry.
-    corners = []
-    for name, struct in structs.items():
-        centre = _STRIATAL_SCALE_CENTRE[name[-1]]
-        for corner in struct.bounding_box(2.0 * width):
-            corners.append(centre + (corner - centre) * s_anat)
-    corners = np.asarray(corners)
-    near = np.flatnonzero(_in_box(q, corners.min(axis=0), corners.max(axis=0)))
-    q_near = q[near].astype(np.float64)
-    striatal = np.zeros(near.size)
-    caud_frac = np.zeros(near.size)
-    for kind in ("caudate", "putamen"):
-        for side in SIDES:
-            name = f"{kind}_{side}"
-            centre = _STRIATAL_SCALE_CENTRE[side]
-            native = centre + (q_near - centre) / s_anat
-            dist, t = striatal_distances(native, margin=width, names=(name,))[name]
-            frac = _membership(acq.scale * s_anat * dist, width)
-            if kind == "caudate":
-                caud_frac = caud_frac + frac
-            else:
-                frac = np.minimum(frac, np.clip(1.0 - caud_frac, 0.0, 1.0))
-            p = params[name]
-            h = dorsal_position(name, native) if lat.label == 1 and lat.dorsal_ventral else None
-            striatal += frac * p["bp"] * (1.0 - _local_loss(p, t, h, lat, subject.config.max_loss))
-    values[near] += striatal
-    act[in_box] = values
-    return act.reshape(shape)
-
-
-def render_volume(
-    subject: PhantomSubject,
-    visit: int = 0,
-    shape: Sequence[int] = MNI_2MM_SHAPE,
-    affine: np.ndarray = MNI_2MM_AFFINE,
-    rng: np.random.Generator | None = None,
-    noise: bool = True,
-) -> np.ndarray:
-    """Render one scan of ``subject``: PSF blur, Poisson counts, light smoothing and global intensity.
-
-    ``volume = k * G_post * Poisson(c' * G_fwhm * activity)`` with ``c' = counts * voxel_volume / 8 mm^3``. SPECT
-    volumes are in counts (background about ``k * counts``); AV133 volumes are divided by ``c'`` (background about
-    ``k``).
-
-    Args:
-        subject: from :func:`sample_subject`.
-        visit: 0-based visit index.
-        shape: output grid shape, default the MNI 2 mm grid ``(91, 109, 91)``.
-        affine: ``(4, 4)`` voxel -> world affine of the output grid; any axis-aligned grid works.
-        rng: generator for the Poisson noise; default ``default_rng(noise_seed)`` of the visit, so a subject always
-            renders to the same volume.
-        noise: ``False`` skips the Poisson noise (the expected volume).
-
-    Returns:
-        float32 ``(X, Y, Z)`` array.
-    """
-    shape = tuple(int(s) for s in shape)
-    act = activity_map(subject, visit, shape, affine)
-    _, spacing = _grid_cache(shape, affine)
-    acq, cfg = subject.visits[visit], subject.config
-    blurred = gaussian_blur(act, acq.fwhm_mm * _FWHM_TO_SIGMA / spacing)
-    np.maximum(blurred, 0.0, out=blurred)
-    counts = acq.counts * float(np.prod(spacing)) / _REFERENCE_VOXEL_MM3
-    expected = blurred * np.float32(counts)
-    if noise:
-        if rng is None:
-            rng = np.random.default_rng(acq.noise_seed)
-        live = np.flatnonzero(expected.ravel() > 1e-3)
-        noisy = np.zeros(expected.size, dtype=np.float32)
-        noisy[live] = rng.poisson(expected.ravel()[live].astype(np.float64))
-        expected = noisy.reshape(shape)
-    out = gaussian_blur(expected, cfg.post_sigma_mm / spacing) if cfg.post_sigma_mm > 0 else expected
-    scale = acq.intensity_scale / counts if cfg.per_count_units else acq.intensity_scale
-    out *= np.float32(scale)
-    return out
-
-
-def _write_nifti(path: pathlib.Path, volume: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> None:
-    """Write a non-negative ``volume`` as int16 with ``scl_slope = max / 32767`` and no intercept (0 stays 0)."""
-    import nibabel as nib
-
-    vol = np.maximum(np.asarray(volume, dtype=np.float32), 0.0)
-    peak = float(vol.max())
-    slope = peak / 32767.0 if peak > 0 else 1.0
-    aff = np.asarray(affine, dtype=np.float64)
-    img = nib.Nifti1Image(np.round(vol / slope).astype(np.int16), aff)
-    img.header.set_slope_inter(slope, 0.0)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(aff, code=4)  # 4 = MNI_152
-    img.set_sform(aff, code=4)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0))  # byte-reproducible
-    os.replace(tmp, path)
 
 
 def _round_dict(d: dict[str, float], digits: int = 5) -> dict[str, float]:
@@ -838,12 +122,6 @@ def _resolve_design(
         p.max_visits if max_visits is None else max_visits,
         tuple(p.split if split is None else split),
     )
-
-
-def _build_subject(seed: int, index: int, label: int, n_visits: int, config: PhantomConfig, id_width: int = 4):
-    latents = _sample_latents(subject_rng(seed, index, 0), label, config)
-    visits = tuple(_sample_acquisition(subject_rng(seed, index, 2 + v), config) for v in range(n_visits))
-    return PhantomSubject(subject_id=f"sub-{index + 1:0{id_width}d}", latents=latents, config=config, visits=visits)
 
 
 def _dataset_design(
@@ -904,7 +182,7 @@ def sample_population(
     config = preset_config(p, modality, **overrides)
     labels, _, n_visits = _dataset_design(int(n_subjects), seed, pd_fraction, int(max_visits), (1.0, 0.0, 0.0))
     width = max(4, len(str(n_subjects)))
-    return [_build_subject(seed, i, int(labels[i]), n_visits[i], config, width) for i in range(int(n_subjects))]
+    return [build_subject(seed, i, int(labels[i]), n_visits[i], config, width) for i in range(int(n_subjects))]
 
 
 def _entry(subject: PhantomSubject, visit: int) -> dict:
@@ -933,7 +211,7 @@ def _entry(subject: PhantomSubject, visit: int) -> dict:
 def _subject_entries(task: tuple) -> list[dict]:
     """Worker: sample, render and write every visit of one subject; returns its datalist entries."""
     seed, index, label, n_visits, config, out_dir, id_width = task
-    subject = _build_subject(seed, index, label, n_visits, config, id_width)
+    subject = build_subject(seed, index, label, n_visits, config, id_width)
     entries = []
     for v in range(n_visits):
         volume = render_volume(subject, v)
@@ -1215,7 +493,7 @@ def calibrate_population(
     started = time.perf_counter()
     labels, split_of, n_visits = _dataset_design(n_subjects, seed, pd_fraction, max_visits, fractions)
     width = max(4, len(str(n_subjects)))
-    subjects = [_build_subject(seed, i, int(labels[i]), n_visits[i], config, width) for i in range(n_subjects)]
+    subjects = [build_subject(seed, i, int(labels[i]), n_visits[i], config, width) for i in range(n_subjects)]
     tasks = [(s, v) for s in subjects for v in range(len(s.visits))]
     if workers > 1 and len(tasks) > 1:
         with multiprocessing.get_context("spawn").Pool(processes=min(int(workers), len(tasks))) as pool:
