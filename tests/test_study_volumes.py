@@ -48,3 +48,16 @@ def test_two_runs_read_one_cache_and_a_changed_chain_rebuilds_it(tmp_path):
     # still an in-memory cache the fast path stacks
     assert stacking_problem(second) is None
     assert StackedCache(second).tensors["image"].shape == (5, 1, 4, 4)
+
+
+def test_a_study_without_shared_volumes_preprocesses_in_each_cell(tmp_path):
+    from scripts.study.cells import StudyContext, volumes_dir
+
+    assert volumes_dir(StudyContext(run_dir=tmp_path, datasets={})) == str(tmp_path / "volumes")
+    # `--no-shared-volumes` is recorded with the study's settings, so a resumed study keeps the choice
+    assert volumes_dir(StudyContext(run_dir=tmp_path, datasets={}, settings={"shared_cache_dir": ""})) == ""
+    # nothing shared: the dataset is MONAI's plain in-memory cache, the chain runs in the cell
+    CountedScale.calls = 0
+    cached_dataset(_data(), Compose([CountedScale(2.0)]), shared_dir="")
+    cached_dataset(_data(), Compose([CountedScale(2.0)]), shared_dir="")
+    assert CountedScale.calls == 10

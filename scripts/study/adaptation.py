@@ -148,7 +148,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
                     "_target_": "scripts.fast_data.cached_dataset",
                     "data": "@datalist",
                     "transform": transform,
-                    "shared_dir": str(volumes_dir(ctx)),
+                    "shared_dir": volumes_dir(ctx),
                 },
             }
             run_bundle(configs, "run", overrides, "infer")

@@ -255,11 +255,16 @@ def operating_metrics(
 # ----------------------------------------------------------------------------------------------------------------
 # network cells
 # ----------------------------------------------------------------------------------------------------------------
-def volumes_dir(ctx: StudyContext) -> Path:
+def volumes_dir(ctx: StudyContext) -> str:
     """The study's preprocessed scans, shared by its cells: each scan is decoded, resampled and normalised once per
     preprocessing chain (data set, grid, intensity, projection), in files named by the hash of the scan's entry and
-    of the transforms (:class:`scripts.fast_data.PreprocessedOnce`, MONAI ``PersistentDataset``)."""
-    return Path(ctx.run_dir) / "volumes"
+    of the transforms (:class:`scripts.fast_data.PreprocessedOnce`, MONAI ``PersistentDataset``).
+
+    ``""`` (nothing shared: every cell preprocesses its own scans, as before the study shared them) when the study
+    was started with ``--set shared_cache_dir=``; the benchmark of study throughput compares the two."""
+    if ctx.settings.get("shared_cache_dir") == "":
+        return ""
+    return str(Path(ctx.run_dir) / "volumes")
 
 
 def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
@@ -275,7 +280,7 @@ def network_overrides(ctx: StudyContext, cell: Cell) -> dict:
         "run_name": "train",
         "publish": False,  # the cell's models are read from its run folder (best_checkpoint): no second copy
         "progress_bar": False,
-        "shared_cache_dir": str(volumes_dir(ctx)),
+        "shared_cache_dir": volumes_dir(ctx),
         **ctx.settings,
         **cell.schedule(kind_settings),
         **cell.overrides(),
@@ -341,7 +346,7 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
                 "_target_": "scripts.fast_data.cached_dataset",
                 "data": "@evaluate#datalist",
                 "transform": "@validate#preprocessing",
-                "shared_dir": str(volumes_dir(ctx)),
+                "shared_dir": volumes_dir(ctx),
             },
         }
         record["commands"].append(bundle_command([config, "evaluate.json"], None, evaluation))

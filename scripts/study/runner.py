@@ -467,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--external", action="append", default=[], metavar="NAME=DIR", help="external test set")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
     run.add_argument("--prevalence", action="append", default=[], metavar="NAME=P", help="assumed PD prevalence")
+    run.add_argument(
+        "--no-shared-volumes",
+        action="store_true",
+        help="every cell preprocesses its own scans (default: each scan once per chain, in <run dir>/volumes)",
+    )
     run.add_argument("--subprocess", action="store_true", help="run each cell in its own process")
     run.add_argument(
         "--jobs",
@@ -529,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     try:  # parsed as python-fire would, checked and normalised as the configs' options are
         args.set = check_overrides({k: _parse_value(v) for k, v in _pairs(args.set, "--set", parser).items()})
+        if args.no_shared_volumes:
+            args.set["shared_cache_dir"] = ""  # read by scripts.study.cells.volumes_dir
     except OptionError as e:
         parser.error(str(e))
     args.prevalence = _pairs(args.prevalence, "--prevalence", parser)
