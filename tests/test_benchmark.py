@@ -112,6 +112,11 @@ def test_trainer_overhead_of_both_trainers_against_a_bare_loop(report):
         assert _positive(row["trainer_ms_per_iteration"]) and _positive(row["bare_ms_per_iteration"])
         want = row["trainer_ms_per_iteration"] - row["bare_ms_per_iteration"]
         assert row["overhead_ms_per_iteration"] == pytest.approx(want)
+        # the epoch split where its last iteration ends: the iterations and the epoch's end (validation, checkpoints)
+        assert 0 < row["loop_ms_per_iteration"] <= row["trainer_ms_per_iteration"] and row["epoch_end_ms"] > 0
+        assert row["loop_overhead_ms_per_iteration"] == pytest.approx(
+            row["loop_ms_per_iteration"] - row["bare_ms_per_iteration"]
+        )
         assert row["validation"] is True and row["log_interval"] >= 1
     targets = [t["target"] for t in report["targets"]]
     assert sum("trainer overhead <= 0.7 ms/iteration" in t for t in targets) == 2

@@ -252,10 +252,11 @@ def _targets(report: Mapping[str, Any], cuda: bool) -> list[dict[str, Any]]:
             }
         )
     for name, row in report.get("trainer_overhead", {}).items():
-        value = row.get("overhead_ms_per_iteration")
+        value = row.get("loop_overhead_ms_per_iteration", row.get("overhead_ms_per_iteration"))
         targets.append(
             {
-                "target": f"{name}: trainer overhead <= {TRAINER_OVERHEAD_MS} ms/iteration above the bare loop",
+                "target": f"{name}: trainer overhead <= {TRAINER_OVERHEAD_MS} ms/iteration above the bare loop "
+                "(iterations; the epoch's end apart)",
                 "value": value,
                 "met": None if value is None else value <= TRAINER_OVERHEAD_MS,
             }
@@ -373,17 +374,32 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
             _fmt(t.get("batch_size"), "d"),
             "every " + _fmt(t.get("val_interval"), "d") if t.get("validation") else "off",
             _fmt(t.get("log_interval"), "d"),
-            _fmt(t.get("trainer_ms_per_iteration"), ".3f"),
+            _fmt(t.get("iterations_per_epoch"), "d"),
+            _fmt(t.get("loop_ms_per_iteration"), ".3f"),
             _fmt(t.get("bare_ms_per_iteration"), ".3f"),
-            _fmt(t.get("overhead_ms_per_iteration"), ".3f"),
+            _fmt(t.get("loop_overhead_ms_per_iteration"), ".3f"),
+            _fmt(t.get("epoch_end_ms"), ".1f"),
+            _fmt(t.get("trainer_ms_per_iteration"), ".3f"),
         ]
         for name, t in report.get("trainer_overhead", {}).items()
     ]
     if rows:
         tables.append(
             (
-                "Trainer overhead: the config's trainer around a near-free network vs a bare loop (ms / iteration)",
-                ["case", "trainer", "batch", "validation (epochs)", "loss read every", "trainer", "bare", "overhead"],
+                "Trainer overhead: the config's trainer around a near-free network vs a bare loop",
+                [
+                    "case",
+                    "trainer",
+                    "batch",
+                    "validation (epochs)",
+                    "loss read every",
+                    "iterations / epoch",
+                    "iteration ms",
+                    "bare loop ms",
+                    "overhead ms / iteration",
+                    "epoch end ms / epoch",
+                    "whole epoch ms / iteration",
+                ],
                 rows,
             )
         )

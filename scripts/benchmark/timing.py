@@ -124,6 +124,9 @@ class EpochTimer:
         iteration_seconds: per epoch, the wall time of each iteration.
         iteration_scans: per epoch, the batch size of each iteration.
         cpu_seconds: CPU time (``time.process_time``, all threads of the process) of each completed epoch.
+        loop_seconds: wall time of each completed epoch up to the end of its last iteration (the device
+            synchronised there, once per epoch): the epoch without its ``EPOCH_COMPLETED`` work (validation,
+            checkpoints, state), which is ``seconds - loop_seconds``.
     """
 
     def __init__(self, device: torch.device | str = "cpu", per_iteration: bool = False) -> None:
@@ -135,6 +138,8 @@ class EpochTimer:
         self.iteration_seconds: list[list[float]] = []
         self.iteration_scans: list[list[int]] = []
         self.cpu_seconds: list[float] = []
+        self.loop_seconds: list[float] = []
+        self._loop_end = 0.0
         self._start = 0.0
         self._cpu_start = 0.0
         self._batch_start = 0.0
@@ -162,10 +167,14 @@ class EpochTimer:
             synchronize(self.device)
             self.iteration_seconds[-1].append(time.perf_counter() - self._batch_start)
         self.iteration_scans[-1].append(batch_size_of(engine.state.batch))
+        if engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0:  # the epoch's last
+            synchronize(self.device)
+            self._loop_end = time.perf_counter()
 
     def _epoch_completed(self, engine: Engine) -> None:
         synchronize(self.device)
         self.seconds.append(time.perf_counter() - self._start)
+        self.loop_seconds.append(self._loop_end - self._start)
         self.cpu_seconds.append(time.process_time() - self._cpu_start)
         self.scans.append(sum(self.iteration_scans[-1]))
         self.iterations.append(len(self.iteration_scans[-1]))
