@@ -529,7 +529,7 @@ def check_teacher(parser: Any = None) -> dict[str, Any] | None:
         return None
     if "cache_teacher_outputs" in parser and parse_bool(parser.get_parsed_content("cache_teacher_outputs")):
         if "train#preprocessing" in parser:
-            key = parser.get("train#trainer#teacher_key", "image_3d")
+            key = parser.get_parsed_content("train#trainer#teacher_key", default="image_3d")
             random = random_transforms_seen_by(parser.get_parsed_content("train#preprocessing"), key)
             if random:
                 raise OptionError(

@@ -79,14 +79,16 @@ class TeacherOutputCache:
 
 
 def _scan_keys(batchdata: dict, key: str) -> list[str] | None:
-    """The file names of the scans of ``batchdata[key]``: from its ``MetaTensor`` metadata, or from the
-    ``{key}_meta_dict`` of a batch of plain tensors (:class:`scripts.fast_data.StackedCache`); ``None`` if absent."""
-    image = batchdata.get(key)
-    if isinstance(image, MetaTensor):
-        names = image.meta.get("filename_or_obj")
-    else:
-        names = (batchdata.get(PostFix.meta(key)) or {}).get("filename_or_obj")
-    if isinstance(names, (list, tuple)) and image is not None and len(names) == image.shape[0] and all(names):
+    """The file names of the scans of ``batchdata[key]``: from the ``{key}_meta_dict`` of a batch of plain tensors
+    (:class:`scripts.fast_data.StackedCache`; the volume itself is not read, so a deferred key stays ungathered),
+    or from the ``MetaTensor`` metadata of the volume; ``None`` if absent."""
+    names = (batchdata.get(PostFix.meta(key)) or {}).get("filename_or_obj")
+    size = None
+    if names is None:
+        image = batchdata.get(key)
+        names = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        size = None if image is None else image.shape[0]
+    if isinstance(names, (list, tuple)) and names and all(names) and size in (None, len(names)):
         return [str(n) for n in names]
     return None
 

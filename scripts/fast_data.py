@@ -10,7 +10,8 @@ Python work, not the network, bounds the speed. The components here remove it wh
 
 * :class:`StackedCache`: the items of a filled ``CacheDataset`` (deterministic transforms only) stacked into one
   tensor per key, kept on ``device``; a batch is one ``index_select`` per key (``__getitems__``). The cached items
-  become views of the stack, so the data are held once.
+  become views of the stack, so the data are held once. Keys read only now and then (the teacher's volume, which
+  a cached teacher output makes unnecessary after the first epoch) can be *deferred*: gathered on first access.
 * :class:`CacheBatchLoader`: a MONAI ``DataLoader`` that batches from a :class:`StackedCache` when it can (the
   same samplers, shuffling, ``DistributedSampler`` and random-number use as the plain loader, so the order of the
   scans is the same) and otherwise behaves exactly like MONAI's ``DataLoader`` over the given dataset.
@@ -47,6 +48,7 @@ __all__ = [
     "cached_dataset",
     "PreprocessedOnce",
     "StackedCache",
+    "DeferredBatch",
     "CacheBatchLoader",
     "PlainTensorBatch",
     "stacking_problem",
@@ -146,6 +148,42 @@ def stacking_problem(dataset: Any) -> str | None:
     return None
 
 
+class DeferredBatch(dict):
+    """A batch dictionary whose *deferred* keys are gathered only when read.
+
+    ``batch[key]``, ``batch.get(key)`` and ``key in batch`` treat a deferred key as present; its tensor is gathered
+    (by ``gather(key)``) on the first read and kept. Iteration, ``len``, ``keys()``, ``items()`` and ``values()``
+    list only what has been gathered, so code that walks every key of a batch (moving it to a device, logging its
+    size) does not pay for the deferred ones.
+
+    Args:
+        data: the gathered part of the batch.
+        gather: returns the batch's tensor of a deferred key.
+        deferred: the keys ``gather`` serves.
+    """
+
+    def __init__(self, data: Mapping, gather: Callable[[Hashable], Any], deferred: Sequence[Hashable]) -> None:
+        super().__init__(data)
+        self._gather = gather
+        self._deferred = frozenset(deferred)
+
+    def __missing__(self, key: Hashable) -> Any:
+        if key not in self._deferred:
+            raise KeyError(key)
+        value = self[key] = self._gather(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key) or key in self._deferred
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def gathered(self, key: Hashable) -> bool:
+        """Whether ``key``'s tensor has been gathered (``False`` for a deferred key not read yet)."""
+        return super().__contains__(key)
+
+
 class StackedCache(torch.utils.data.Dataset):
     """The items of a filled, deterministic ``CacheDataset`` stacked into one tensor per key on ``device``.
 
@@ -162,13 +200,20 @@ class StackedCache(torch.utils.data.Dataset):
         device: where the stacked tensors live (the training device, or ``"cpu"``).
         pin_memory: with a host (``"cpu"``) stack and CUDA available, keep the stack and each batch in page-locked
             memory, so that ``prepare_batch(..., non_blocking=True)`` copies it to the GPU asynchronously.
+        deferred_keys: stacked keys whose batch tensor is gathered only when read: the batch is then a
+            :class:`DeferredBatch` (the distillation trainer's teacher volume, unused once the teacher's outputs
+            are cached; keys that are not stacked tensors are ignored).
 
     Raises:
         ValueError: when the dataset cannot be stacked (the reason is given), or its items differ in keys or shapes.
     """
 
     def __init__(
-        self, dataset: CacheDataset, device: str | torch.device | None = "cpu", pin_memory: bool = False
+        self,
+        dataset: CacheDataset,
+        device: str | torch.device | None = "cpu",
+        pin_memory: bool = False,
+        deferred_keys: Sequence[Hashable] = (),
     ) -> None:
         problem = stacking_problem(dataset)
         if problem is not None:
@@ -205,6 +250,7 @@ class StackedCache(torch.utils.data.Dataset):
             else:
                 self.lists[key] = values
         self._length = len(items)
+        self.deferred_keys = tuple(k for k in deferred_keys if k in self.tensors)
 
     @staticmethod
     def _stack_in_place(
@@ -238,31 +284,33 @@ class StackedCache(torch.utils.data.Dataset):
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __getitems__(self, indices: Sequence[int]) -> dict[Hashable, Any]:
-        """The batch of ``indices``: stacked tensors indexed on their device, lists and file names indexed.
+        """The batch of ``indices``: stacked tensors indexed on their device, lists and file names indexed (a
+        :class:`DeferredBatch` when there are deferred keys).
 
         On a CUDA stack the index goes through page-locked memory, so its copy does not make the host wait; on a
         pinned host stack the batch is gathered into page-locked memory."""
         index = torch.as_tensor(indices, dtype=torch.long)
         if self.device.type == "cuda":
             index = index.pin_memory().to(self.device, non_blocking=True)
-        if self.pin_memory:
-            batch: dict[Hashable, Any] = {
-                k: torch.index_select(
-                    t, 0, index, out=torch.empty((len(index), *t.shape[1:]), dtype=t.dtype).pin_memory()
-                )
-                for k, t in self.tensors.items()
-            }
-        else:
-            batch = {k: t.index_select(0, index) for k, t in self.tensors.items()}
+
+        def gather(key: Hashable) -> torch.Tensor:
+            t = self.tensors[key]
+            if not self.pin_memory:
+                return t.index_select(0, index)
+            out = torch.empty((len(index), *t.shape[1:]), dtype=t.dtype).pin_memory()
+            return torch.index_select(t, 0, index, out=out)
+
+        batch: dict[Hashable, Any] = {k: gather(k) for k in self.tensors if k not in self.deferred_keys}
         for key, values in self.lists.items():
             batch[key] = [values[i] for i in indices]
         for key, names in self.names.items():
             batch[PostFix.meta(str(key))] = {FILENAME: [names[i] for i in indices]}
-        return batch
+        return DeferredBatch(batch, gather, self.deferred_keys) if self.deferred_keys else batch
 
     def __getitem__(self, index: int) -> dict[Hashable, Any]:
         """One item (plain tensors, numbers as 0-d tensors), as the single-item form of :meth:`__getitems__`."""
         batch = self.__getitems__([index])
+        batch.update({k: batch[k] for k in self.deferred_keys})
         return {
             k: v[0] if isinstance(v, (torch.Tensor, list)) else {n: m[0] for n, m in v.items()}
             for k, v in batch.items()
@@ -315,6 +363,7 @@ class CacheBatchLoader(DataLoader):
         num_workers: worker processes of the plain path.
         pin_memory: page-locked batches for asynchronous copies to the GPU (a host stack: see
             :class:`StackedCache`; the plain path: the ``DataLoader`` option).
+        deferred_keys: keys of the stacked path gathered only when read (see :class:`StackedCache`).
         kwargs: other ``DataLoader`` arguments (``sampler``, ``shuffle``, ``drop_last``...).
 
     Attributes:
@@ -330,6 +379,7 @@ class CacheBatchLoader(DataLoader):
         stack: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        deferred_keys: Sequence[Hashable] = (),
         **kwargs: Any,
     ) -> None:
         from scripts.options import parse_bool
@@ -339,7 +389,8 @@ class CacheBatchLoader(DataLoader):
         if parse_bool(stack, "stacked_cache"):
             problem = stacking_problem(dataset)
             if problem is None:
-                self.stacked = StackedCache(dataset, device, pin_memory=parse_bool(pin_memory, "pin_memory"))
+                pin = parse_bool(pin_memory, "pin_memory")
+                self.stacked = StackedCache(dataset, device, pin_memory=pin, deferred_keys=deferred_keys)
             elif isinstance(dataset, CacheDataset):  # a disk cache or a plain Dataset is a choice, not a surprise
                 logger.warning(f"batches are collated item by item: {problem}.")
         if self.stacked is not None:

@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser
 from monai.data import CacheDataset, MetaTensor, PersistentDataset
 from monai.transforms import Compose, EnsureTyped, Lambdad, RandFlipd
 from monai.utils import set_determinism
-from scripts.fast_data import CacheBatchLoader, PlainTensorBatch, StackedCache, cached_dataset
+from scripts.fast_data import CacheBatchLoader, DeferredBatch, PlainTensorBatch, StackedCache, cached_dataset
 from torch.utils.data import DistributedSampler
 
 N = 7
@@ -63,6 +63,25 @@ def test_the_cache_holds_the_data_once_as_views_of_the_stack():
     assert item["image"].untyped_storage().data_ptr() == stacked.tensors["image"].untyped_storage().data_ptr()
     single = stacked[2]
     assert torch.equal(single["image"], item["image"].as_tensor()) and single["subject"] == "sub-2"
+
+
+def test_a_deferred_key_is_gathered_only_when_read_and_then_equals_the_eager_batch():
+    eager = StackedCache(_dataset(), "cpu")
+    lazy = StackedCache(_dataset(), "cpu", deferred_keys=["image_3d", "not-a-key"])
+    assert lazy.deferred_keys == ("image_3d",)
+    batch = lazy.__getitems__([4, 1])
+    assert isinstance(batch, DeferredBatch) and "image_3d" in batch and not batch.gathered("image_3d")
+    assert "image_3d" not in list(batch) and batch["image_3d_meta_dict"]["filename_or_obj"] == [
+        "scan4.nii.gz",
+        "scan1.nii.gz",
+    ]
+    with pytest.raises(KeyError):
+        batch["missing"]
+    assert batch.get("missing", 7) == 7
+    expected = eager.__getitems__([4, 1])
+    assert torch.equal(batch.get("image_3d"), expected["image_3d"]) and batch.gathered("image_3d")
+    assert set(batch) == set(expected) and batch["image_3d"] is batch["image_3d"]  # gathered once, then kept
+    assert set(lazy[3]) == set(eager[3]) and torch.equal(lazy[3]["image_3d"], eager[3]["image_3d"])
 
 
 def test_distributed_shards_cover_the_set_once():
@@ -176,3 +195,5 @@ def test_fast_path_gives_the_same_losses_and_metrics_as_the_plain_path(tiny_phan
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5, abs=1e-6)
     cache = runs[True][2].teacher_cache  # keyed from the plain batches' file names: every scan hits in epoch 2
     assert cache.misses == cache.hits == len(runs[True][2].data_loader.dataset)
+    last = runs[True][2].state.batch  # an epoch served from the cache never gathered the teacher's volume
+    assert isinstance(last, DeferredBatch) and "image_3d" in last and not last.gathered("image_3d")
