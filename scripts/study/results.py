@@ -121,13 +121,14 @@ class StudyFile:
             raise SettingsMismatchError(
                 f"run folder {self.path.parent} was made by a version of the study that configures its cells "
                 f"differently ({old.get('cell_rules')!r} there, {settings.get('cell_rules')!r} now); new cells would "
-                "not be comparable with its finished ones: choose another --run-dir (its results and report stay "
-                "readable)."
+                "not be comparable with its finished ones: choose another --run-dir, or move the folder aside to "
+                "start afresh (its results and report stay readable)."
             )
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
             raise SettingsMismatchError(
                 f"run folder {self.path.parent} was made with other settings ({detail}); "
-                "resume it with its own settings or choose another --run-dir."
+                "resume it with its own settings, choose another --run-dir, or move the folder aside to start afresh "
+                "(make demo and make study use a fixed one)."
             )
