@@ -117,10 +117,15 @@ def test_trainer_overhead_of_both_trainers_against_a_bare_loop(report):
         assert row["loop_overhead_ms_per_iteration"] == pytest.approx(
             row["loop_ms_per_iteration"] - row["bare_ms_per_iteration"]
         )
+        # that overhead split into the data path (a bare loop over the trainer's loader) and the trainer's own share
+        assert _positive(row["loader_loop_ms_per_iteration"])
+        assert row["data_path_ms_per_iteration"] + row["trainer_own_ms_per_iteration"] == pytest.approx(
+            row["loop_overhead_ms_per_iteration"]
+        )
         assert row["validation"] is True and row["log_interval"] >= 1
     targets = [t["target"] for t in report["targets"]]
     assert sum("trainer overhead <= 0.7 ms/iteration" in t for t in targets) == 2
-    assert "Trainer overhead" in report["markdown"]
+    assert "Trainer overhead" in report["markdown"] and "of which trainer ms" in report["markdown"]
 
 
 def test_only_runs_the_named_groups(five_scans, tmp_path):

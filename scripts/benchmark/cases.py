@@ -216,7 +216,11 @@ def _trainer_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, An
 
     The bare loop is what any training needs: ``zero_grad``, forward, loss, backward, ``step`` on batches already on
     the device (the trainer's own first batch), the same network, optimizer, loss and mixed precision, with one
-    synchronisation per epoch. The difference is what the trainer adds per iteration.
+    synchronisation per epoch. The difference is what the trainer adds per iteration. A second bare loop draws each
+    batch from the trainer's own loader (``prepare_batch`` included; distillation with fixed teacher outputs, as
+    after the first epoch with the teacher-output cache): its difference to the first is the data path's share of
+    that overhead (on a CPU, the memory copy that gathers a batch from the stacked cache), and the trainer's loop
+    minus it is the trainer's own share (engine, handlers, postprocessing).
     """
     from scripts.engine import DistillationTrainer
 
@@ -265,13 +269,16 @@ def _trainer_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, An
     else:
         loss_fn = trainer.loss_function
 
-    def step() -> None:
+    batch_size = int(x.shape[0])
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         network.train()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", **amp_kwargs) if amp else nullcontext():
             logits, embedding = network.forward_with_embedding(x)
         if distill:
-            loss = loss_fn(logits.float(), embedding.float(), y, t_logits.float(), t_embedding.float())["loss"]
+            n = x.shape[0]  # a last, smaller batch of the loader: the first batch's teacher outputs, cut to size
+            loss = loss_fn(logits.float(), embedding.float(), y, t_logits[:n].float(), t_embedding[:n].float())["loss"]
         else:
             loss = loss_fn(logits.float(), y)
         if scaler is not None:
@@ -282,16 +289,26 @@ def _trainer_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, An
             loss.backward()
             optimizer.step()
 
-    bare = []
+    bare, loader_loop = [], []
     for epoch in range(warmup + len(per_iteration)):
         synchronize(device)
         start = time.perf_counter()
         for _ in range(iterations):
-            step()
+            step(x, y)
         synchronize(device)
         if epoch >= warmup:
             bare.append((time.perf_counter() - start) / iterations)
+    for epoch in range(warmup + len(per_iteration)):
+        synchronize(device)
+        start, n = time.perf_counter(), 0
+        for batch in trainer.data_loader:
+            step(*trainer.prepare_batch(batch, device, True))
+            n += 1
+        synchronize(device)
+        if epoch >= warmup:
+            loader_loop.append((time.perf_counter() - start) / max(n, 1))
     trainer_ms, bare_ms = 1000.0 * median(per_iteration), 1000.0 * median(bare)
+    loop_ms, loader_ms = 1000.0 * median(loop), 1000.0 * median(loader_loop)
     return {
         "what": "ms per iteration of the config's trainer around a near-free network, against a bare loop",
         "config": spec["config"],
@@ -300,13 +317,16 @@ def _trainer_case(spec: Mapping[str, Any], device: torch.device) -> dict[str, An
         "val_interval": int(parser.get_parsed_content("val_interval")) if validation else None,
         "log_interval": getattr(getattr(trainer, "loss_log", None), "interval", None),
         "teacher_cache": isinstance(trainer, DistillationTrainer) and trainer.teacher_cache is not None,
-        "batch_size": int(x.shape[0]),
+        "batch_size": batch_size,
         "iterations_per_epoch": iterations,
         "trainer_ms_per_iteration": trainer_ms,
         "bare_ms_per_iteration": bare_ms,
         "overhead_ms_per_iteration": trainer_ms - bare_ms,
-        "loop_ms_per_iteration": 1000.0 * median(loop),
-        "loop_overhead_ms_per_iteration": 1000.0 * median(loop) - bare_ms,
+        "loop_ms_per_iteration": loop_ms,
+        "loop_overhead_ms_per_iteration": loop_ms - bare_ms,
+        "loader_loop_ms_per_iteration": loader_ms,
+        "data_path_ms_per_iteration": loader_ms - bare_ms,
+        "trainer_own_ms_per_iteration": loop_ms - loader_ms,
         "epoch_end_ms": 1000.0 * median(epoch_end),
         "trainer_ms_per_iteration_all": [1000.0 * t for t in per_iteration],
         "bare_ms_per_iteration_all": [1000.0 * t for t in bare],

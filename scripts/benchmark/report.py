@@ -378,6 +378,8 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
             _fmt(t.get("loop_ms_per_iteration"), ".3f"),
             _fmt(t.get("bare_ms_per_iteration"), ".3f"),
             _fmt(t.get("loop_overhead_ms_per_iteration"), ".3f"),
+            _fmt(t.get("data_path_ms_per_iteration"), ".3f"),
+            _fmt(t.get("trainer_own_ms_per_iteration"), ".3f"),
             _fmt(t.get("epoch_end_ms"), ".1f"),
             _fmt(t.get("trainer_ms_per_iteration"), ".3f"),
         ]
@@ -397,6 +399,8 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
                     "iteration ms",
                     "bare loop ms",
                     "overhead ms / iteration",
+                    "of which data path ms",
+                    "of which trainer ms",
                     "epoch end ms / epoch",
                     "whole epoch ms / iteration",
                 ],
