@@ -46,7 +46,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -647,17 +647,3 @@ class SiteAdapter:
             raise SystemExit(EXIT_REFUSED)
         raise SiteAdaptationRefusedError(message)
 
-
-def read_predictions(path: str | os.PathLike) -> dict[str, float]:
-    """``{image: P(PD)}`` of a ``predictions.csv`` written by :class:`scripts.handlers.PredictionSaver`."""
-    with Path(path).open(newline="", encoding="utf-8") as f:
-        return {r["image"]: float(r["pd_probability"]) for r in csv.DictReader(f) if r.get("pd_probability")}
-
-
-def summary_line(result: Mapping[str, Any]) -> str:
-    """One line of ``site_adaptation.json`` for a log."""
-    if result.get("refused"):
-        return f"site adaptation {result['site_adaptation']}: refused ({result['refused']})"
-    share = result.get("pd_share")
-    est = f"estimated PD share {share:.2f}, " if share is not None else ""
-    return f"site adaptation {result['site_adaptation']}: {est}threshold {result['threshold']:.4f}"
