@@ -646,4 +646,3 @@ class SiteAdapter:
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(EXIT_REFUSED)
         raise SiteAdaptationRefusedError(message)
-
