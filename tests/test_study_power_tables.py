@@ -54,7 +54,17 @@ def test_generated_tables_equal_the_report(run_dir, tmp_path):
     readme, card = tmp_path / "README.md", tmp_path / "card.md"
     readme.write_text("# Bundle\n" + block)
     card.write_text("# Model card\n" + block)
-    assert report.main([str(run_dir), "--tables", str(readme), str(card)]) == 0
+    # Without --tables the report leaves every other file alone.
+    assert report.main([str(run_dir), "--no-figures"]) == 0
+    assert "stale table" in readme.read_text() and "stale table" in card.read_text()
+    assert (run_dir / "report.md").is_file()
+    preface = tmp_path / "preface.md"
+    preface.write_text("> What this page is.\n")
+    argv = [str(run_dir), "--no-figures", "--title", "Results: low data", "--preface", str(preface)]
+    assert report.main([*argv, "--tables", str(readme), str(card)]) == 0
+    written = (run_dir / "report.md").read_text()
+    assert written.startswith("# Results: low data\n\n> What this page is.\n")
+    assert "## Gallery" not in written  # no figures, no empty gallery section
     tables = report.summary_tables(report.StudyResults.load(run_dir))
     for path in (readme, card):
         text = path.read_text()

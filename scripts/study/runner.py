@@ -10,7 +10,8 @@
                                 [--only PATTERN ...] [--dry-run]
                                 [--executor ray [--ray-address ADDR] [--gpus-per-teacher G] [--gpus-per-student G]
                                                 [--cpus-per-task C]]
-    python -m scripts.study report RUN_DIR [--out docs/results.md] [--figures docs/figures]
+    python -m scripts.study report RUN_DIR [--out docs/results.md] [--figures docs/figures] [--no-figures]
+                                   [--title TEXT] [--preface FILE] [--tables README.md docs/README.md]
     python -m scripts.study list --matrix cpu
 
 ``run`` (the default sub-command) builds the matrix (:mod:`scripts.study.matrix`), prepares the data (the
@@ -422,13 +423,20 @@ def cmd_cell(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from scripts.study.report import write_report
+    from scripts.study.report import StudyResults, write_report, write_tables
 
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "report.md"
     figures = Path(args.figures) if args.figures else out.parent / "figures"
-    report = write_report(run_dir, out, figures, figures=not args.no_figures)
+    try:
+        preface = Path(args.preface).read_text() if args.preface else None
+    except OSError as e:
+        raise SystemExit(f"error: --preface {args.preface}: {e.strerror or e}") from None
+    report = write_report(run_dir, out, figures, figures=not args.no_figures, preface=preface, title=args.title)
     print(f"{report.summary}\n\nWrote {out} and {len(report.figures)} figure(s) in {figures}.")
+    if args.tables:
+        write_tables(StudyResults.load(run_dir), args.tables)
+        print(f"Filled the results tables of {', '.join(args.tables)}.")
     return 0
 
 
@@ -508,6 +516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--out", default=None, help="report file (default: <run dir>/report.md)")
     rep.add_argument("--figures", default=None, help="figure folder (default: figures/ next to the report)")
     rep.add_argument("--no-figures", action="store_true")
+    rep.add_argument("--title", default=None, help="the report's title (default: Results: what 3D-to-2D ...)")
+    rep.add_argument("--preface", default=None, metavar="FILE", help="Markdown placed right after the title")
+    rep.add_argument(
+        "--tables",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="also fill the results block of these files (e.g. README.md docs/README.md); none by default",
+    )
 
     lst = sub.add_parser("list", help="list the cells of a matrix")
     _add_matrix_options(lst)
