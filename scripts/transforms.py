@@ -43,6 +43,7 @@ __all__ = [
     "INTENSITY_MODES",
     "IntensityNormalize",
     "IntensityNormalized",
+    "Softmaxd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -358,4 +359,30 @@ class IntensityNormalized(MapTransform):
             except ValueError as e:
                 name = d[key].meta.get("filename_or_obj", key) if isinstance(d[key], MetaTensor) else key
                 raise InputError(f"{name}: {e}") from None
+        return d
+
+
+class Softmaxd(MapTransform):
+    """Softmax of a batch of logits over ``dim``, as a plain tensor: the engines' postprocessing.
+
+    MONAI's ``Activationsd(softmax=True)`` computes the same values but wraps them in a ``MetaTensor``, after which
+    every operation of the metrics that read them (ignite's ``Accuracy``, the validation metrics) goes through
+    ``MetaTensor.__torch_function__``. Measured for a batch of 8 (postprocessing, then ignite's ``Accuracy.update``,
+    one thread): 0.55-0.60 ms per iteration with ``Activationsd``, 0.09-0.11 ms with this (docs/performance.md).
+
+    Args:
+        keys: keys of the logits (e.g. ``"pred"``).
+        dim: the class dimension (1 for a batch).
+        allow_missing_keys: don't raise an exception if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, dim: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.dim = int(dim)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            d[key] = torch.softmax(x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x), dim=self.dim)
         return d
