@@ -297,11 +297,8 @@ def fit_mixture(
     min_separation: float = 2.0,
     min_weight: float = 0.05,
     max_iter: int = 500,
-    variance: str = "tied",
-    rule: str = "crossing",
-    reference_z: float = 1.645,
 ) -> dict[str, Any]:
-    """Two-component Gaussian mixture on the logits of a site's ``P(PD)`` scores ``(N,)``.
+    """Two-component Gaussian mixture with one shared variance on the logits of a site's ``P(PD)`` scores ``(N,)``.
 
     Fitted by EM (initial means at the 25th and 75th percentiles). The threshold is the logit where the two
     components' densities cross between their means (equal class weights: the likelihood-ratio-one point, which
@@ -314,10 +311,6 @@ def fit_mixture(
         min_separation: smallest Ashman's ``D`` accepted.
         min_weight: smallest component weight accepted.
         max_iter: EM iterations at most.
-        variance: ``"tied"`` (one variance for both components, the default) or ``"free"``.
-        rule: ``"crossing"`` (above) or ``"reference"``: the HC component's mean plus ``reference_z`` of its
-            standard deviations (a normal-range rule; compared on the development sites, not the default).
-        reference_z: see ``rule``.
 
     Returns:
         ``{"pd_share", "threshold", "logit_threshold", "bayes_threshold", "means", "sds", "weights",
@@ -349,7 +342,7 @@ def fit_mixture(
         weights = nk / z.size
         means = (resp * z[:, None]).sum(axis=0) / nk
         sq = (resp * (z[:, None] - means) ** 2).sum(axis=0)
-        sds = np.maximum(np.sqrt(sq / nk if variance == "free" else np.full(2, sq.sum() / z.size)), floor)
+        sds = np.full(2, max(math.sqrt(sq.sum() / z.size), floor))
         new = float(np.log(total).sum())
         if abs(new - loglik) < 1e-9 * max(1.0, abs(new)):
             loglik = new
@@ -378,8 +371,6 @@ def fit_mixture(
             f"mixture: the site's scores do not form two separated groups ({why}); the threshold cannot be fitted."
         )
     t = _crossing(means[0], sds[0], means[1], sds[1])
-    if rule == "reference":
-        t = float(min(means[0] + reference_z * sds[0], means[1]))
     t_bayes = _crossing(means[0], sds[0], means[1], sds[1], weights[0], weights[1])
     return {
         "pd_share": float(weights[1]),
