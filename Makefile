@@ -29,13 +29,13 @@ demo: setup
 	$(PY) -m scripts.study run --matrix demo --jobs 2 --publish models
 
 # The study of docs/results.md (the `cpu` matrix, hours on 2 CPU cores; resumable: run it again after an interruption),
-# then its report and figures.
+# then its report and figures, and the results tables of README.md and docs/README.md.
 study: setup
 	$(PY) -m scripts.study run --matrix cpu --run-dir eval/study-cpu --jobs 2
 	$(MAKE) study-report
 
 study-report: setup
-	$(PY) -m scripts.study report eval/study-cpu --out docs/results.md --figures docs/figures
+	$(PY) -m scripts.study report eval/study-cpu --out docs/results.md --figures docs/figures --tables README.md docs/README.md
 
 test: setup
 	$(PY) -m pytest -q
