@@ -153,6 +153,19 @@ def test_lean_loop_gives_the_losses_metrics_and_best_checkpoint_of_the_decollati
     assert all(torch.allclose(new["best"]["state"][k], v) for k, v in old["best"]["state"].items())
 
 
+def test_config_postprocessing_is_activationsd_softmax_as_a_plain_tensor():
+    """Both engines' postprocessing of the config gives ``Activationsd(softmax=True)``'s values over the class
+    dimension of a batch, as a plain tensor (a MetaTensor would slow every later metric operation)."""
+    from monai.data import MetaTensor
+
+    logits = MetaTensor(torch.tensor([[2.0, -1.0], [0.5, 0.5], [-3.0, 4.0]]))
+    want = Activationsd(keys="pred", softmax=True, dim=1)({"pred": logits.clone()})["pred"].as_tensor()
+    for post in _config("train#postprocessing", "validate#postprocessing"):
+        got = post({"pred": logits.clone(), "label": torch.tensor([0, 1, 1])})
+        assert type(got["pred"]) is torch.Tensor and torch.equal(got["label"], torch.tensor([0, 1, 1]))
+        assert torch.allclose(got["pred"], want, atol=0, rtol=1e-6)
+
+
 def test_loss_log_averages_between_readings_and_reads_every_epoch_end():
     values = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
 
