@@ -83,6 +83,11 @@ def test_generated_tables_equal_the_report(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="no .* block"):
         report.write_tables(report.StudyResults.load(run_dir), [readme, bare])
     assert bare.read_text() == "no markers\n"
+    # ... and through the command, before the report itself is written (no half-done run).
+    before = (run_dir / "report.md").read_text()
+    with pytest.raises(SystemExit, match="bare.md has no .* block"):
+        report.main([str(run_dir), "--no-figures", "--title", "Another title", "--tables", str(readme), str(bare)])
+    assert (run_dir / "report.md").read_text() == before
 
 
 def test_the_low_data_claim_is_measured_on_the_low_data_projection_beside_a_full_data_pair_of_another(run_dir):

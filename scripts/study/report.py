@@ -894,6 +894,27 @@ def summary_tables(res: StudyResults) -> str:
     return text
 
 
+def _marked_texts(paths: Sequence[str | os.PathLike]) -> dict[Path, tuple[str, str]]:
+    """``{path: (text before the table block, text from its end marker)}`` of every file in ``paths``.
+
+    Raises:
+        SystemExit: naming a file without the two markers.
+    """
+    parts = {}
+    for path in map(Path, paths):
+        text = path.read_text() if path.is_file() else ""
+        start, end = text.find(TABLE_START), text.find(TABLE_END)
+        if start < 0 or end < start:
+            raise SystemExit(f"error: {path} has no '{TABLE_START}' ... '{TABLE_END}' block to fill.")
+        parts[path] = (text[: start + len(TABLE_START)], text[end:])
+    return parts
+
+
+def check_table_files(paths: Sequence[str | os.PathLike]) -> None:
+    """Refuse (SystemExit naming the file) before anything is written when a file in ``paths`` has no table block."""
+    _marked_texts(paths)
+
+
 def write_tables(res: StudyResults, paths: Sequence[str | os.PathLike]) -> str:
     """Replace the block between :data:`TABLE_START` and :data:`TABLE_END` of every file in ``paths`` with
     :func:`summary_tables`; returns the tables.
@@ -902,15 +923,8 @@ def write_tables(res: StudyResults, paths: Sequence[str | os.PathLike]) -> str:
         SystemExit: naming a file without the two markers (nothing is written then).
     """
     tables = summary_tables(res)
-    texts = {}
-    for path in map(Path, paths):
-        text = path.read_text() if path.is_file() else ""
-        start, end = text.find(TABLE_START), text.find(TABLE_END)
-        if start < 0 or end < start:
-            raise SystemExit(f"error: {path} has no '{TABLE_START}' ... '{TABLE_END}' block to fill.")
-        texts[path] = text[: start + len(TABLE_START)] + "\n" + tables + "\n" + text[end:]
-    for path, text in texts.items():
-        path.write_text(text)
+    for path, (head, tail) in _marked_texts(paths).items():
+        path.write_text(head + "\n" + tables + "\n" + tail)
     return tables
 
 

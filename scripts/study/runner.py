@@ -423,7 +423,7 @@ def cmd_cell(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from scripts.study.report import StudyResults, write_report, write_tables
+    from scripts.study.report import StudyResults, check_table_files, write_report, write_tables
 
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "report.md"
@@ -432,6 +432,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         preface = Path(args.preface).read_text() if args.preface else None
     except OSError as e:
         raise SystemExit(f"error: --preface {args.preface}: {e.strerror or e}") from None
+    check_table_files(args.tables or ())  # a file without a table block is refused before the report is written
     report = write_report(run_dir, out, figures, figures=not args.no_figures, preface=preface, title=args.title)
     print(f"{report.summary}\n\nWrote {out} and {len(report.figures)} figure(s) in {figures}.")
     if args.tables:
