@@ -369,6 +369,36 @@ def test_a_run_folder_made_under_other_cell_rules_is_not_extended(tiny_study, tm
         _run(*args)
 
 
+def _cell_processes(run_dir: Path) -> list[str]:
+    """Process ids of the cells of ``run_dir`` (each cell process names the run folder on its command line)."""
+    found = subprocess.run(["pgrep", "-f", f"scripts.study cell {run_dir}"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def test_a_terminated_study_stops_its_cells_and_says_how_to_resume(tiny_phantom_dataset, tmp_path):
+    """``kill`` (SIGTERM: ``timeout``, a batch system cancelling the job; a background ``make study &`` ignores
+    SIGINT) stops a study as Ctrl-C does: its running cell processes are stopped with it, none is left running, and
+    the command exits 143 saying how to resume. Before, the runner died at once and its cells ran on."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scripts.study", "run", *MATRIX, *TINY, "--run-dir", str(run_dir), "--jobs", "2",
+           "--dataset-dir", str(tiny_phantom_dataset.parent), "--only", "teacher-*", "--no-figures"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _cell_processes(run_dir) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and _cell_processes(run_dir), "the teacher cell never started"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "Interrupted: unfinished cells were stopped" in err and "Run the same command again to resume" in err
+    assert not _cell_processes(run_dir), "a cell process outlived the terminated study"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the tiny matrix, one process per cell, killed and resumed
 # ----------------------------------------------------------------------------------------------------------------

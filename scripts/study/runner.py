@@ -39,7 +39,9 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -375,26 +377,51 @@ def publish_models(run_dir: Path, cells: Sequence[Cell], n_teachers: int, models
     return published
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises :class:`KeyboardInterrupt` (see :func:`_terminate_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While the cells run, SIGTERM (``kill``, ``timeout``, a batch system cancelling the job) stops them as Ctrl-C
+    does: running cells are stopped, finished ones stay, and the command says how to resume. Without it the runner
+    died at once and left its cell processes running (a background ``make study &`` also ignores SIGINT, so
+    ``kill`` is how it is stopped). The previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_cells(args: argparse.Namespace, plan: CellPlan, results: ResultsFile, progress: Progress) -> int | None:
     """Run the plan's cells on the executor of ``args``, appending each record to ``results`` as it arrives (this
-    process is the only writer of the results file); ``None`` when every cell finished, else the exit status."""
+    process is the only writer of the results file); ``None`` when every cell finished, else the exit status
+    (130 after Ctrl-C, 143 after SIGTERM)."""
 
     def finished(cell: Cell, record: dict) -> None:
         results.append(record)
         print(progress.finished(cell, record["seconds"]["wall"]), flush=True)
 
     try:
-        with make_executor(args) as executor:
+        with _terminate_as_interrupt(), make_executor(args) as executor:
             progress.jobs = executor.slots
             outcome = executor.run(plan, finished)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
             f"\nInterrupted: unfinished cells were stopped; {len(results.read())} finished cell(s) are in "
             f"{results.path}. Run the same command again to resume.",
             file=sys.stderr,
             flush=True,
         )
-        return 130
+        return 143 if isinstance(interrupt, _Terminated) else 130
     if len(outcome.failures) == 1:
         failure = outcome.failures[0]
         raise SystemExit(
