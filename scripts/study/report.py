@@ -894,8 +894,9 @@ def summary_tables(res: StudyResults) -> str:
     return text
 
 
-def _marked_texts(paths: Sequence[str | os.PathLike]) -> dict[Path, tuple[str, str]]:
-    """``{path: (text before the table block, text from its end marker)}`` of every file in ``paths``.
+def check_table_files(paths: Sequence[str | os.PathLike]) -> dict[Path, tuple[str, str]]:
+    """``{path: (text up to the table block's start marker, text from its end marker)}`` of every file in ``paths``,
+    read before anything is written.
 
     Raises:
         SystemExit: naming a file without the two markers.
@@ -910,11 +911,6 @@ def _marked_texts(paths: Sequence[str | os.PathLike]) -> dict[Path, tuple[str, s
     return parts
 
 
-def check_table_files(paths: Sequence[str | os.PathLike]) -> None:
-    """Refuse (SystemExit naming the file) before anything is written when a file in ``paths`` has no table block."""
-    _marked_texts(paths)
-
-
 def write_tables(res: StudyResults, paths: Sequence[str | os.PathLike]) -> str:
     """Replace the block between :data:`TABLE_START` and :data:`TABLE_END` of every file in ``paths`` with
     :func:`summary_tables`; returns the tables.
@@ -923,7 +919,7 @@ def write_tables(res: StudyResults, paths: Sequence[str | os.PathLike]) -> str:
         SystemExit: naming a file without the two markers (nothing is written then).
     """
     tables = summary_tables(res)
-    for path, (head, tail) in _marked_texts(paths).items():
+    for path, (head, tail) in check_table_files(paths).items():
         path.write_text(head + "\n" + tables + "\n" + tail)
     return tables
 
