@@ -30,6 +30,8 @@ def test_minimum_detectable_difference_on_hand_made_components():
     assert power.needed(big, 0.01)["seeds_at_scans"] == math.ceil(3.9e-4 / (budget - 1.06e-6))
     # No seed variance: one seed is enough once the scans suffice.
     assert power.needed(power.VarianceComponents(0.0, 0.0106, 3, 10_000), 0.01)["seeds_at_scans"] == 1
+    note = power.power_note(power.VarianceComponents(0.0, 0.0106, 3, 10_000))
+    assert "needs 1 seed at N = 10000" in note and "at least 1 seed and" in note, note
     assert "MDE 0.041" in power.power_note(vc)
     assert "no seed variance" in power.power_note(power.VarianceComponents(0.0, 0.0106, 1, 1000))
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-__all__ = ["VarianceComponents", "variance_components", "minimum_detectable", "needed", "power_note"]
+__all__ = ["VarianceComponents", "variance_components", "minimum_detectable", "needed", "power_note", "counted"]
 
 TARGET = 0.01
 """The difference the study is sized for (one point of ROC AUC or accuracy)."""
@@ -50,6 +50,11 @@ class VarianceComponents:
         s = self.n_seeds if seeds is None else seeds
         n = self.n_scans if scans is None else scans
         return self.seed_var / s + self.scan_var / n
+
+
+def counted(n: int, noun: str) -> str:
+    """``"1 seed"``, ``"3 seeds"``: a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _z(power: float, alpha: float) -> float:
@@ -144,10 +149,10 @@ def power_note(vc: VarianceComponents, effect: float = TARGET) -> str:
     need = needed(vc, effect)
     seeds = need["seeds_at_scans"]
     scans = need["scans_at_seeds"]
-    at_n = f"{seeds} seeds" if seeds is not None else "no number of seeds"
-    at_s = f"{scans} scans" if scans is not None else "no number of scans"
+    at_n = counted(seeds, "seed") if seeds is not None else "no number of seeds"
+    at_s = counted(scans, "scan") if scans is not None else "no number of scans"
     return (
         f"MDE {minimum_detectable(vc):.3f} (80 % power; σ²_seed {vc.seed_var:.2g}, σ²_scan {vc.scan_var:.2g}, "
         f"S {vc.n_seeds}, N {vc.n_scans}); {effect:g} needs {at_n} at N = {vc.n_scans} or {at_s} at S = "
-        f"{vc.n_seeds} (at least {need['min_seeds']} seeds and {need['min_scans']} scans)"
+        f"{vc.n_seeds} (at least {counted(need['min_seeds'], 'seed')} and {counted(need['min_scans'], 'scan')})"
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, VARIANTS, Cell
-from scripts.study.power import VarianceComponents, minimum_detectable, power_note, variance_components
+from scripts.study.power import VarianceComponents, counted, minimum_detectable, power_note, variance_components
 from scripts.study.results import ResultsFile, StudyFile
 from scripts.study.stats import (
     MIN_PAIRS,
@@ -694,6 +694,7 @@ def write_report(
     b = _Builder(res)
     key = res.test_key()
     n_seeds = max((len(g) for g in [b.kd(p) for p in b.projections] + [b.teachers]), default=0)
+    min_p = min_p_value(max(n_seeds, 1))
     figure_files: list[Path] = []
     if figures:
         from scripts.study.figures import draw_figures
@@ -736,9 +737,14 @@ def write_report(
         "resample draws the seed pairs with replacement *and* the test scans with replacement (within each class, the "
         "same scans for both models) and recomputes the metric from the per-scan scores, so it covers both training "
         "noise and the finite test split; a difference is *within noise* when the interval contains 0. p is the "
-        f"exact sign-flip test over seeds: with {n_seeds} seeds the smallest attainable p is "
-        f"{min_p_value(max(n_seeds, 1)):.3g} (all seeds agree in sign), so p < 0.05 is out of reach by construction "
-        f"and the verdict rests on the interval. With fewer than {MIN_PAIRS} seed pairs no verdict is given.",
+        f"exact sign-flip test over seeds: with {counted(n_seeds, 'seed')} the smallest attainable p is "
+        f"{min_p:.3g} (all seeds agree in sign)"
+        + (
+            ", so p < 0.05 is out of reach by construction and the verdict rests on the interval"
+            if min_p >= 0.05
+            else ""
+        )
+        + f". With fewer than {MIN_PAIRS} seed pairs no verdict is given.",
         "## The paper's claims\n\n" + claims,
         "## In-domain test: every model\n\n" + main,
         "## Distillation vs none (paired: same seeds, same test scans)\n\n"
