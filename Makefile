@@ -37,11 +37,15 @@ study: setup
 study-report: setup
 	$(PY) -m scripts.study report eval/study-cpu --out docs/results.md --figures docs/figures --tables README.md docs/README.md
 
+# The suite runs on every core (pytest-xdist; a test file stays on one worker so that its module fixtures are built
+# once), one torch thread per worker so that workers do not spin against each other; the 20 slowest tests are listed.
+TEST_OPTS := -n auto --dist loadfile --durations 20
+
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TEST_OPTS)
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow $(TEST_OPTS)
 
 # The study's Ray executor and the cluster recipes of docs/cluster.md (also part of `make test` once Ray is installed).
 test-ray: setup-ray

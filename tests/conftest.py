@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -50,6 +51,20 @@ def _seeded_random_state():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_ray_at_a_time(tmp_path_factory) -> Iterator[None]:
+    """Held by every module that starts Ray: the workers of a parallel run (``make test``, pytest-xdist) start one
+    Ray instance at a time, as two on one machine would contend for Ray's fixed default ports. The lock file is in
+    the folder every worker's temporary folder shares."""
+    lock = tmp_path_factory.getbasetemp().parent / "ray.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,9 @@ SCONTROL = """#!/bin/bash
 """
 
 
-def test_the_slurm_script_runs_the_study_and_a_second_submission_resumes_it(tiny_phantom_dataset, tmp_path):
+def test_the_slurm_script_runs_the_study_and_a_second_submission_resumes_it(
+    one_ray_at_a_time, tiny_phantom_dataset, tmp_path
+):
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install -r requirements-ray.txt); CI has it")
     shims = tmp_path / "bin"
     shims.mkdir()

@@ -37,7 +37,7 @@ DEMO = ["--matrix", "demo", "--seeds", "2", "--teachers", "1", "--no-figures"]  
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(one_ray_at_a_time):
     """One local Ray instance for the module (a start costs seconds): 2 CPUs, no GPU, as on a CPU machine."""
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # stand-in cells travel to the workers

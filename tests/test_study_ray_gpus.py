@@ -31,7 +31,7 @@ from scripts.study.matrix import Cell  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def gpu_cluster(tmp_path_factory):
+def gpu_cluster(one_ray_at_a_time, tmp_path_factory):
     """``ray start --head --block`` with 2 CPUs and 2 logical GPUs; yields its address, stops it (SIGTERM) after."""
     if ray.is_initialized():
         ray.shutdown()
