@@ -130,8 +130,8 @@ def test_the_slurm_script_runs_the_study_and_a_second_submission_resumes_it(
         first = subprocess.run(["bash", str(SBATCH), *study, "--max-cells", "2"], env=env, capture_output=True,
                                text=True, timeout=600)  # fmt: skip
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        assert "Ray: 2 cell task(s) on 1 node(s), 2 CPUs, 0 GPUs" in first.stdout
-        assert "Stopping after 2 cell(s)" in first.stdout
+        assert "Ray: 2 cell tasks on 1 node, 2 CPUs, 0 GPUs" in first.stdout
+        assert "Stopping after 2 cells" in first.stdout
         done = (run_dir / "results.jsonl").read_text().splitlines()
         second = subprocess.run(["bash", str(SBATCH), *study], env=env, capture_output=True, text=True, timeout=600)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -349,12 +349,14 @@ def test_study_measurement_pairs_methods_and_recommends_one():
     section = adaptation_section(results)
     assert "## Site adaptation without labels" in section and "**ext, true PD share 0.2**" in section
     assert "**Recommended method: `" in section
+    assert f"### {model} (2 seeds)" in section
     res = SimpleNamespace(externals=["ext"], records={r["cell"]: r for r in records})
     assert section_for_study(res).startswith("## Site adaptation without labels")
     # without AdaBN scores only the score methods are measured
     plain = adaptation_results([_record(0, False)], "bench", ["ext"], n_draws=4)
     assert set(plain["models"][model]["ext@0.5"]) == {"none", "em", "bbse", "mixture"}
     assert "AdaBN was not measured" not in adaptation_section(plain)
+    assert f"### {model} (1 seed)" in adaptation_section(plain)
 
 
 def test_adabn_at_some_shares_is_reported_there_and_left_out_of_the_recommendation():

@@ -223,7 +223,7 @@ def tiny_study(tiny_phantom_dataset, av133_set, tmp_path_factory):
 
 
 def test_an_interrupted_study_resumes_with_the_unfinished_cells(tiny_study):
-    assert f"0 finished, {N_CELLS} to run" in tiny_study["first"] and "Stopping after 5 cell(s)" in tiny_study["first"]
+    assert f"0 finished, {N_CELLS} to run" in tiny_study["first"] and "Stopping after 5 cells" in tiny_study["first"]
     assert f"5 finished, {N_CELLS - 5} to run" in tiny_study["second"]
     lines = (tiny_study["run_dir"] / "results.jsonl").read_text().splitlines()
     assert lines[:5] == tiny_study["lines_first"]  # finished cells were not run again

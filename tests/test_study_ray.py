@@ -90,10 +90,10 @@ def two_studies(ray_cluster, tiny_phantom_dataset, tmp_path_factory):
 
 def test_ray_stops_after_max_cells_and_resumes_without_rerunning_finished_cells(two_studies):
     assert f"0 finished, {N_CELLS} to run" in two_studies["first"]
-    assert "Ray: 5 cell task(s)" in two_studies["first"] and "Stopping after 5 cell(s)" in two_studies["first"]
+    assert "Ray: 5 cell tasks" in two_studies["first"] and "Stopping after 5 cells" in two_studies["first"]
     assert len(two_studies["lines_first"]) == 5
     assert f"5 finished, {N_CELLS - 5} to run" in two_studies["second"]
-    assert f"Ray: {N_CELLS - 5} cell task(s)" in two_studies["second"]
+    assert f"Ray: {N_CELLS - 5} cell tasks" in two_studies["second"]
     lines = (two_studies["ray"] / "results.jsonl").read_text().splitlines()
     assert lines[:5] == two_studies["lines_first"] and len(lines) == N_CELLS
     for name, mtime in two_studies["logs_first"].items():  # their folders were not cleared and run again
@@ -211,7 +211,7 @@ def test_gpus_asked_of_a_cluster_without_gpus_fail_at_once_in_one_line(ray_clust
     message = str(failed.value)
     assert "\n" not in message
     assert message == (
-        "error: --gpus-per-teacher 1 asks for GPUs but the Ray cluster (1 node(s), 2 CPUs, 0 GPUs) has none; use "
+        "error: --gpus-per-teacher 1 asks for GPUs but the Ray cluster (1 node, 2 CPUs, 0 GPUs) has none; use "
         "--gpus-per-teacher 0 or a cluster with GPU nodes."
     )
     assert not (run_dir / "results.jsonl").exists() and not (run_dir / "cells").exists()  # no cell ran

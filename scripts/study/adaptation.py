@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scripts.site_adaptation import MIN_SCANS, SiteAdaptationRefusedError, SourceScores, adapt_scores, parse_methods
 from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, Cell
+from scripts.study.power import counted
 
 __all__ = [
     "SHARES",
@@ -328,7 +329,7 @@ def adaptation_section(results: Mapping[str, Any], default_model: str | None = N
             "are left out of the recommendation, which compares methods over every set and share."
         )
     for model, table in models.items():
-        lines.append(f"### {model} ({results['seeds'][model]} seed(s))")
+        lines.append(f"### {model} ({counted(results['seeds'][model], 'seed')})")
         for key, rows in table.items():
             name, share = key.split("@")
             header = "| method | π̂ | sensitivity | specificity | Δ sensitivity | Δ specificity | target | refused |"

@@ -40,6 +40,7 @@ from monai.utils import look_up_option
 from scripts.errors import find_input_error
 from scripts.study.cells import BUNDLE_ROOT, StudyContext, cell_dir, run_cell
 from scripts.study.matrix import Cell
+from scripts.study.power import counted
 
 __all__ = [
     "EXECUTORS",
@@ -375,7 +376,7 @@ class RayExecutor(Executor):
         nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
         cpus, gpus = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
         self._cluster = {"CPU": cpus, "GPU": gpus, "nodes": len(nodes)}
-        where = f"the Ray cluster ({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs)"
+        where = f"the Ray cluster ({counted(len(nodes), 'node')}, {cpus:g} CPUs, {gpus:g} GPUs)"
         for kind, asked in self.requested.items():
             self.gpus[kind] = (
                 float(asked) if asked is not None else ((1.0 if kind == "teacher" else 0.5) if gpus else 0.0)
@@ -440,7 +441,8 @@ class RayExecutor(Executor):
             f"{k} {self.cpus_per_task:g} CPU {self.gpus[k]:g} GPU" for k in ("teacher", "student", "baseline")
         )
         print(
-            f"Ray: {len(selected)} cell task(s) on {self._cluster['nodes']} node(s), {self._cluster['CPU']:g} CPUs, "
+            f"Ray: {counted(len(selected), 'cell task')} on {counted(self._cluster['nodes'], 'node')}, "
+            f"{self._cluster['CPU']:g} CPUs, "
             f"{self._cluster['GPU']:g} GPUs ({per_kind} per task).",
             flush=True,
         )

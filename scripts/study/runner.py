@@ -60,6 +60,7 @@ from scripts.study.matrix import (
     count_cells,
     preset,
 )
+from scripts.study.power import counted
 from scripts.study.results import ResultsFile, SettingsMismatchError, StudyFile
 
 __all__ = ["main", "prepare_data", "context_from_study"]
@@ -416,7 +417,7 @@ def _run_cells(args: argparse.Namespace, plan: CellPlan, results: ResultsFile, p
             outcome = executor.run(plan, finished)
     except KeyboardInterrupt as interrupt:
         print(
-            f"\nInterrupted: unfinished cells were stopped; {len(results.read())} finished cell(s) are in "
+            f"\nInterrupted: unfinished cells were stopped; {counted(len(results.read()), 'finished cell')} are in "
             f"{results.path}. Run the same command again to resume.",
             file=sys.stderr,
             flush=True,
@@ -435,7 +436,7 @@ def _run_cells(args: argparse.Namespace, plan: CellPlan, results: ResultsFile, p
             "Fix the cause and run the same command again: it runs the failed cells and keeps the finished ones."
         )
     if outcome.not_started:
-        print(f"Stopping after {args.max_cells} cell(s) (--max-cells); run the same command again to go on.")
+        print(f"Stopping after {counted(args.max_cells, 'cell')} (--max-cells); run the same command again to go on.")
         return 0
     return None
 
@@ -461,7 +462,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --preface {args.preface}: {e.strerror or e}") from None
     check_table_files(args.tables or ())  # a file without a table block is refused before the report is written
     report = write_report(run_dir, out, figures, figures=not args.no_figures, preface=preface, title=args.title)
-    print(f"{report.summary}\n\nWrote {out} and {len(report.figures)} figure(s) in {figures}.")
+    print(f"{report.summary}\n\nWrote {out} and {counted(len(report.figures), 'figure')} in {figures}.")
     if args.tables:
         write_tables(StudyResults.load(run_dir), args.tables)
         print(f"Filled the results tables of {', '.join(args.tables)}.")
