@@ -104,9 +104,14 @@ def loss_terms(output) -> dict[str, float]:
     first = output[0] if isinstance(output, list) else output
     if LOSS_LOG in first:
         return dict(first[LOSS_LOG])
-    terms = {"train_loss": float(first[Keys.LOSS])}
-    terms.update({k: float(v) for k, v in first.items() if k.startswith("loss_")})
+    terms = {"train_loss": _scalar(first[Keys.LOSS])}
+    terms.update({k: _scalar(v) for k, v in first.items() if k.startswith("loss_")})
     return terms
+
+
+def _scalar(value) -> float:
+    """A loss value as a float (a tensor still attached to the graph is detached first)."""
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def loss_logged(engine, event: int | None = None) -> bool:

@@ -334,7 +334,7 @@ class IntensityNormalize(Transform):
         mask = template_rois(tuple(x.shape[1:]), affine)["occipital"]
         if not mask.any():
             raise ValueError("the occipital reference region falls outside this image; is the scan in MNI space?")
-        ref = x[0][torch.as_tensor(mask)].mean()
+        ref = x[0][torch.tensor(mask)].mean()  # a copy: the cached template masks are read-only
         if ref <= self.eps:
             raise ValueError(f"the occipital reference mean is {float(ref):.3g}; cannot normalise by it.")
         return x / ref
