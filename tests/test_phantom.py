@@ -16,7 +16,7 @@ import pytest
 from scripts import anatomy
 from scripts.anatomy import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from scripts.sbr import SBRThresholdClassifier, compute_sbr
-from scripts.synthetic import phantom
+from scripts.synthetic import cli, phantom
 
 # --------------------------------------------------------------------------------------------------- helpers
 
@@ -313,7 +313,7 @@ def test_argument_validation_errors_are_explicit(tmp_path):
     with pytest.raises(ValueError, match="modality"):
         phantom.generate_dataset(tmp_path, 20, modality="pet")
     with pytest.raises(SystemExit):
-        phantom.main(["--out", str(tmp_path), "--n-subjects", "3", "--split", "0.5", "0.5", "0.5"])
+        cli.main(["--out", str(tmp_path), "--n-subjects", "3", "--split", "0.5", "0.5", "0.5"])
     assert not any((tmp_path / "images").glob("*.nii.gz"))
 
 
@@ -332,7 +332,7 @@ def test_cli_writes_a_test_only_av133_set(tmp_path, capsys):
         "0",
         "1",
     ]
-    assert phantom.main(argv) == 0
+    assert cli.main(argv) == 0
     assert "av133: 2 scans of 2 subjects" in capsys.readouterr().out
     data = json.loads((tmp_path / "datalist.json").read_text())
     assert len(data["test"]) == 2 and data["training"] == [] and data["metadata"]["parameters"]["caudate_bp"] == 3.0
@@ -417,9 +417,9 @@ def test_presets_are_selectable_by_name_and_unknown_names_are_rejected(tmp_path)
     with pytest.raises(ValueError, match="unknown phantom parameter"):
         phantom.preset_config("benchmark", not_a_parameter=1)
     with pytest.raises(SystemExit):
-        phantom.main(["--out", str(tmp_path), "--preset", "nope"])
+        cli.main(["--out", str(tmp_path), "--preset", "nope"])
     with pytest.raises(SystemExit):  # --study-data builds fixed presets: a design option is an error, not ignored
-        phantom.main(["--study-data", str(tmp_path), "--pd-fraction", "0.5"])
+        cli.main(["--study-data", str(tmp_path), "--pd-fraction", "0.5"])
     assert not any((tmp_path / "images").glob("*.nii.gz"))
 
 
@@ -566,7 +566,7 @@ def test_in_memory_calibration_matches_the_written_files(study_data, capsys):
         "--set",
         "counts_range=[40,50]",
     ]
-    assert phantom.main(argv) == 0
+    assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["preset"] == "spect_other_site" and out["n"] == 4 and out["overrides"] == {"counts_range": [40, 50]}
     assert "threshold_train_test" not in out  # all scans are in test: nothing to fit on

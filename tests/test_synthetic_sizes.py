@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from scripts.synthetic import phantom
+from scripts.synthetic import cli, phantom
 from scripts.synthetic.presets import get_preset
 
 
@@ -38,7 +38,7 @@ def test_extra_test_subjects_option_is_honoured(tmp_path, capsys):
     assert len(more["test"]) == len(base["test"]) + 4
     assert sum(e["label"] for e in more["test"]) == sum(e["label"] for e in base["test"]) + 2
     assert (
-        phantom.main(
+        cli.main(
             ["--out", str(tmp_path / "c"), "--preset", "benchmark", "--n-subjects", "10"]
             + ["--pd-fraction", "0.5", "--seed", "2", "--extra-test-subjects", "2"]
         )
@@ -48,4 +48,4 @@ def test_extra_test_subjects_option_is_honoured(tmp_path, capsys):
     with pytest.raises(ValueError, match="extra_test_subjects"):
         phantom.generate_dataset(tmp_path / "d", 10, extra_test_subjects=-1, **common)
     with pytest.raises(SystemExit):
-        phantom.main(["--study-data", str(tmp_path / "e"), "--extra-test-subjects", "3"])
+        cli.main(["--study-data", str(tmp_path / "e"), "--extra-test-subjects", "3"])

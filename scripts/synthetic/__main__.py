@@ -2,6 +2,6 @@
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
 """``python -m scripts.synthetic``: generate a synthetic phantom data set (see ``--help``)."""
 
-from scripts.synthetic.phantom import main
+from scripts.synthetic.cli import main
 
 raise SystemExit(main())
