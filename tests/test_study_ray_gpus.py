@@ -123,7 +123,7 @@ def test_one_gpu_per_task_runs_two_cells_at_once_each_on_its_own_gpu(gpu_cluster
 
 
 def test_more_gpus_per_task_than_a_node_has_fail_before_any_cell_runs(gpu_cluster, tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: --gpus-per-teacher 4: no node of the Ray cluster \(1 node\(s\)"):
+    with pytest.raises(SystemExit, match=r"^error: --gpus-per-teacher 4: no node of the Ray cluster \(1 node, 2 CPUs"):
         with RayExecutor(gpu_cluster, gpus_per_teacher=4):
             pass
     assert not ray.is_initialized()
