@@ -4,7 +4,9 @@
 
 One family of functions, used by every such path: :func:`classification_report` (the study's cells, the SBR
 baseline), :func:`metric_rows` (one metric of many score rows at once: the study's bootstrap intervals, operating
-points), :func:`roc_auc_rows` and :func:`roc_curve` (the study's figures). Engines (training validation,
+points), :func:`roc_auc_rows` and :func:`roc_curve` (the study's figures, the information budget) and
+:func:`logistic_cv_scores` (out-of-fold scores of a logistic regression: the information budget, the SBR
+calibration's nuisance check). Engines (training validation,
 ``configs/evaluate.json``) use MONAI's and ignite's metric handlers instead (``Fbeta``, ``Accuracy``, ``ROCAUC``,
 ``ConfusionMatrix``); the tests check that both give the same numbers, and that :func:`roc_auc_rows` (the
 Mann-Whitney statistic from ``scipy.stats.rankdata``, vectorised over rows) equals MONAI's ``compute_roc_auc``.
@@ -21,7 +23,15 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-__all__ = ["classification_report", "metric_rows", "roc_auc_rows", "roc_curve", "METRIC_NAMES", "ROW_METRICS"]
+__all__ = [
+    "classification_report",
+    "metric_rows",
+    "roc_auc_rows",
+    "roc_curve",
+    "logistic_cv_scores",
+    "METRIC_NAMES",
+    "ROW_METRICS",
+]
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
 ROW_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1_macro")
@@ -147,3 +157,40 @@ def classification_report(
         "n_pd": n_pd,
         "n_hc": n_hc,
     }
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
+    """Weights (bias first) of an L2-penalised logistic regression by Newton's method (no penalty on the bias)."""
+    design = np.column_stack([np.ones(len(x)), x])
+    w = np.zeros(design.shape[1])
+    penalty = l2 * np.r_[0.0, np.ones(x.shape[1])]
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ w, -30, 30)))
+        grad = design.T @ (p - y) + penalty * w
+        hess = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty) + 1e-9 * np.eye(w.size)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def logistic_cv_scores(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, l2: float = 1.0) -> np.ndarray:
+    """Out-of-fold logits of a stratified ``folds``-fold logistic regression on standardised columns of ``x``.
+
+    L2 penalty ``l2`` on the weights (not the bias), Newton's method. Written here because scikit-learn is not a
+    dependency; used by the information budget and the SBR calibration's nuisance check.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(y.size, dtype=np.int64)
+    for cls in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        fold_of[idx] = np.arange(idx.size) % folds
+    scores = np.empty(y.size)
+    for k in range(folds):
+        tr, te = fold_of != k, fold_of == k
+        mu, sd = x[tr].mean(axis=0), x[tr].std(axis=0) + 1e-12
+        w = _fit_logistic((x[tr] - mu) / sd, y[tr], l2=l2)
+        scores[te] = w[0] + ((x[te] - mu) / sd) @ w[1:]
+    return scores

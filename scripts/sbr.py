@@ -286,28 +286,6 @@ def _nuisance_matrix(entries: Sequence[dict]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def _logistic_cv_auc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated ROC AUC of an L2 logistic regression (Newton iterations) on standardised features."""
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(y.size, dtype=np.int64)
-    for cls in (0, 1):
-        idx = rng.permutation(np.flatnonzero(y == cls))
-        fold_of[idx] = np.arange(idx.size) % folds
-    scores = np.empty(y.size)
-    for k in range(folds):
-        tr, te = fold_of != k, fold_of == k
-        mu, sd = x[tr].mean(axis=0), x[tr].std(axis=0) + 1e-12
-        xt = np.column_stack([np.ones(tr.sum()), (x[tr] - mu) / sd])
-        w = np.zeros(xt.shape[1])
-        for _ in range(50):
-            p = 1.0 / (1.0 + np.exp(-xt @ w))
-            grad = xt.T @ (p - y[tr]) + 1e-2 * np.r_[0.0, w[1:]]
-            hess = (xt * (p * (1 - p))[:, None]).T @ xt + 1e-2 * np.diag(np.r_[0.0, np.ones(w.size - 1)])
-            w -= np.linalg.solve(hess, grad)
-        scores[te] = np.column_stack([np.ones(te.sum()), (x[te] - mu) / sd]) @ w
-    return float(_classification_report(y, scores)["roc_auc"])
-
-
 def summarize_features(entries: Sequence[dict], feats: Sequence[dict[str, float]]) -> dict:
     """Calibration summary of scans given as datalist ``entries`` (with ``label`` and the phantom's nuisance
     fields) and their :func:`compute_sbr` features, in the same order.
@@ -347,7 +325,10 @@ def summarize_features(entries: Sequence[dict], feats: Sequence[dict[str, float]
         clf = SBRThresholdClassifier().fit(table["lowest_putamen"], y)
         out["threshold_in_sample"] = {"threshold": clf.threshold, "metrics": clf.report(table["lowest_putamen"], y)}
         if all("fwhm_mm" in e for e in entries):
-            out["nuisance_cv_auc"] = _logistic_cv_auc(_nuisance_matrix(entries), y)
+            from scripts.metrics import logistic_cv_scores, roc_auc_rows
+
+            nuisance = logistic_cv_scores(_nuisance_matrix(entries), y, l2=1e-2)
+            out["nuisance_cv_auc"] = float(roc_auc_rows(y, nuisance)[0])
     return out
 
 

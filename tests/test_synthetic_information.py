@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scripts.metrics import logistic_cv_scores, roc_auc_rows
 from scripts.synthetic import information as info
 
 
@@ -54,13 +55,13 @@ def test_budget_orders_the_whole_volume_above_projections_that_miss_the_loss():
 
 def test_roc_auc_and_logistic_fit_on_known_cases():
     y = np.array([0, 0, 1, 1])
-    assert info.roc_auc(y, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
-    assert info.roc_auc(y, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
-    assert info.roc_auc(y, np.array([1.0, 1.0, 1.0, 1.0])) == 0.5
+    assert roc_auc_rows(y, np.array([0.1, 0.2, 0.3, 0.4]))[0] == 1.0
+    assert roc_auc_rows(y, np.array([0.4, 0.3, 0.2, 0.1]))[0] == 0.0
+    assert roc_auc_rows(y, np.array([1.0, 1.0, 1.0, 1.0]))[0] == 0.5
     rng = np.random.default_rng(1)
     x = rng.standard_normal((200, 3))
     labels = (x[:, 0] - 0.5 * x[:, 1] + 0.3 * rng.standard_normal(200) > 0).astype(int)
-    scores = info.logistic_cv_scores(x, labels)
-    assert info.roc_auc(labels, scores) > 0.95
+    scores = logistic_cv_scores(x, labels)
+    assert roc_auc_rows(labels, scores)[0] > 0.95
     with pytest.raises(ValueError, match="both classes"):
         info.budget_from_features(_constructed(4)[0], [1, 1, 1, 1], n_boot=10)

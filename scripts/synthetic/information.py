@@ -34,14 +34,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scripts.anatomy import SIDES, template_rois
+from scripts.metrics import logistic_cv_scores, roc_auc_rows
 
 __all__ = [
     "VOXEL_SETS",
     "voxel_sets",
     "regions",
     "regional_sbr",
-    "roc_auc",
-    "logistic_cv_scores",
     "budget_from_features",
     "information_budget",
     "format_budget",
@@ -130,52 +129,6 @@ def regional_sbr(volume: np.ndarray, shape: tuple[int, int, int] = GRID) -> dict
     return out
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC (Mann-Whitney, ties one half) of ``scores`` ``(..., N)`` against binary ``labels`` ``(..., N)``."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    y, s = np.broadcast_arrays(y, s)
-    from scipy.stats import rankdata
-
-    ranks = rankdata(s, axis=-1)
-    n_pos = y.sum(axis=-1)
-    n_neg = y.shape[-1] - n_pos
-    return ((ranks * y).sum(axis=-1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
-    """Weights (bias first) of an L2-penalised logistic regression by Newton's method (no penalty on the bias)."""
-    design = np.column_stack([np.ones(len(x)), x])
-    w = np.zeros(design.shape[1])
-    penalty = l2 * np.r_[0.0, np.ones(x.shape[1])]
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(design @ w, -30, 30)))
-        grad = design.T @ (p - y) + penalty * w
-        hess = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty) + 1e-9 * np.eye(w.size)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
-
-
-def logistic_cv_scores(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, l2: float = 1.0) -> np.ndarray:
-    """Out-of-fold logits of a stratified ``folds``-fold logistic regression on standardised columns of ``x``."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(y.size, dtype=np.int64)
-    for cls in (0, 1):
-        idx = rng.permutation(np.flatnonzero(y == cls))
-        fold_of[idx] = np.arange(idx.size) % folds
-    scores = np.empty(y.size)
-    for k in range(folds):
-        tr, te = fold_of != k, fold_of == k
-        mu, sd = x[tr].mean(axis=0), x[tr].std(axis=0) + 1e-12
-        w = _fit_logistic((x[tr] - mu) / sd, y[tr], l2=l2)
-        scores[te] = w[0] + ((x[te] - mu) / sd) @ w[1:]
-    return scores
-
-
 def _bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """``(n_boot, N)`` stratified resamples (each class resampled within itself)."""
     rng = np.random.default_rng(seed)
@@ -214,15 +167,15 @@ def budget_from_features(
     yb = y[idx]
     out: dict[str, dict] = {}
     for method in ("lowest_putamen", "logistic"):
-        whole = roc_auc(yb, scores["whole_volume"][method][idx]) if "whole_volume" in scores else None
+        whole = roc_auc_rows(yb, scores["whole_volume"][method][idx]) if "whole_volume" in scores else None
         for name in sets:
             s = scores[name][method]
-            boots = roc_auc(yb, s[idx])
-            row = {"auc": float(roc_auc(y, s)), "low": float(np.quantile(boots, 0.025))}
+            boots = roc_auc_rows(yb, s[idx])
+            row = {"auc": float(roc_auc_rows(y, s)[0]), "low": float(np.quantile(boots, 0.025))}
             row["high"] = float(np.quantile(boots, 0.975))
             if whole is not None:
                 diff = boots - whole
-                row["diff"] = float(roc_auc(y, s) - roc_auc(y, scores["whole_volume"][method]))
+                row["diff"] = float(roc_auc_rows(y, s)[0] - roc_auc_rows(y, scores["whole_volume"][method])[0])
                 row["diff_low"], row["diff_high"] = (float(np.quantile(diff, q)) for q in (0.025, 0.975))
             out.setdefault(name, {"n_regions": n_regions[name]})[method] = row
     return out
