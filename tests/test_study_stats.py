@@ -4,10 +4,10 @@
 
 import numpy as np
 import pytest
+from scripts.metrics import metric_rows
 from scripts.study.operating import prevalence_threshold, youden_threshold
 from scripts.study.stats import (
     bootstrap_ci,
-    metric_from_scores,
     min_p_value,
     paired_comparison,
     sign_flip_test,
@@ -93,14 +93,14 @@ def test_metrics_from_scores_match_hand_counts():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     scores = np.array([0.1, 0.6, 0.3, 0.6, 0.9, 0.2, 0.8])
     # pairs (PD, HC): 4 × 3 = 12; PD 0.6 ties HC 0.6 (1/2), PD 0.2 beats only 0.1
-    assert metric_from_scores(labels, scores, "roc_auc")[0] == pytest.approx((2.5 + 3 + 1 + 3) / 12)
+    assert metric_rows(labels, scores, "roc_auc")[0] == pytest.approx((2.5 + 3 + 1 + 3) / 12)
     # at 0.5: TP 3 (0.6, 0.9, 0.8), FN 1, TN 2, FP 1
-    assert metric_from_scores(labels, scores, "accuracy", 0.5)[0] == pytest.approx(5 / 7)
-    assert metric_from_scores(labels, scores, "sensitivity", 0.5)[0] == pytest.approx(3 / 4)
-    assert metric_from_scores(labels, scores, "specificity", 0.5)[0] == pytest.approx(2 / 3)
-    assert metric_from_scores(labels, scores, "f1_macro", 0.5)[0] == pytest.approx((6 / 8 + 4 / 6) / 2)
+    assert metric_rows(labels, scores, "accuracy", 0.5)[0] == pytest.approx(5 / 7)
+    assert metric_rows(labels, scores, "sensitivity", 0.5)[0] == pytest.approx(3 / 4)
+    assert metric_rows(labels, scores, "specificity", 0.5)[0] == pytest.approx(2 / 3)
+    assert metric_rows(labels, scores, "f1_macro", 0.5)[0] == pytest.approx((6 / 8 + 4 / 6) / 2)
     with pytest.raises(ValueError, match="metric must be"):
-        metric_from_scores(labels, scores, "auc")
+        metric_rows(labels, scores, "auc")
 
 
 def test_two_level_bootstrap_covers_test_scan_noise_and_stays_paired():

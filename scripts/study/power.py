@@ -105,7 +105,7 @@ def variance_components(
         labels: ``(N,)`` test labels, the same scans in the same order for every model.
         terms: per seed, the contrast's terms ``(scores (N,), threshold, coefficient)`` (as for
             :func:`scripts.study.stats.two_level_contrast_ci`).
-        metric: ``"roc_auc"``, ``"accuracy"``, ... (see :func:`scripts.study.stats.metric_from_scores`).
+        metric: ``"roc_auc"``, ``"accuracy"``, ... (see :func:`scripts.metrics.metric_rows`).
         n_boot: scan resamples for ``σ²_scan``.
         seed: resampling seed.
     """

@@ -50,7 +50,6 @@ __all__ = [
     "paired_comparison",
     "two_level_bootstrap_ci",
     "two_level_contrast_ci",
-    "metric_from_scores",
     "MIN_PAIRS",
 ]
 
@@ -130,11 +129,6 @@ def sign_flip_test(diffs: Sequence[float], max_exact: int = 16, n_perm: int = 10
     return float(result.pvalue)
 
 
-def metric_from_scores(labels: np.ndarray, scores: np.ndarray, metric: str, threshold=0.5) -> np.ndarray:
-    """A metric of each row of ``scores`` ``(R, N)``: :func:`scripts.metrics.metric_rows`."""
-    return metric_rows(labels, scores, metric, threshold)
-
-
 def two_level_bootstrap_ci(
     labels: Sequence[int],
     pairs: Sequence[tuple[Sequence[float], float, Sequence[float], float]],
@@ -148,7 +142,7 @@ def two_level_bootstrap_ci(
     Args:
         labels: ``(N,)`` labels of the test scans (0 HC, 1 PD), the same scans in the same order for every model.
         pairs: one ``(scores_a (N,), threshold_a, scores_b (N,), threshold_b)`` per seed pair.
-        metric: see :func:`metric_from_scores`.
+        metric: see :func:`scripts.metrics.metric_rows`.
         level: coverage.
         n_boot: resamples; each draws the seed pairs with replacement and the scans with replacement within each
             class (class counts fixed, so every metric stays defined), the same scans for ``a`` and ``b``.
@@ -176,7 +170,7 @@ def two_level_contrast_ci(
         labels: ``(N,)`` labels of the test scans, the same scans in the same order for every model.
         terms: per seed (or seed tuple), the contrast's terms ``(scores (N,), threshold, coefficient)``; every
             seed has the same number of terms.
-        metric: see :func:`metric_from_scores`.
+        metric: see :func:`scripts.metrics.metric_rows`.
         level: coverage.
         n_boot: resamples (seeds and scans drawn as in :func:`two_level_bootstrap_ci`).
         seed: seed of the resampling.
