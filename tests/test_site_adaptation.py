@@ -359,6 +359,24 @@ def test_study_measurement_pairs_methods_and_recommends_one():
     assert f"### {model} (1 seed)" in adaptation_section(plain)
 
 
+def test_site_size_sweep_measures_mixture_on_smaller_and_larger_sites():
+    from scripts.study.adaptation import site_size_section, site_size_sweep
+
+    records = [_record(0, False), _record(1, False)]
+    sweep = site_size_sweep(records, "bench", ["ext"], sizes=[10, 40, 126], n_draws=5)
+    assert sorted(sweep) == ["ext@0.2", "ext@0.5", "ext@0.8"]
+    for key, row in sweep.items():
+        # 126 scans exceed every share's subset (125 or 200 scans, but at 0.5 only 100 of each class: 63 + 63 fit)
+        assert sorted(row) == ([10, 40, 126] if key == "ext@0.5" else [10, 40]), (key, row)
+        for cell in row.values():
+            assert cell["draws"] == 2 * 5 and 0 <= cell["refused"] <= 1 and 0 <= cell["p10"] <= 1
+    # the separated shifted scores: at 40 scans the mixture fits and finds the PD scans the in-domain threshold misses
+    assert sweep["ext@0.5"][40]["refused"] == 0 and sweep["ext@0.5"][40]["p10"] > 0.8
+    section = site_size_section(sweep)
+    assert "| ext, 0.5 PD |" in section and "N = 126" in section and "| ext, 0.2 PD | " in section
+    assert site_size_sweep(records, "bench", ["ext"], sizes=[40], model="3D teacher") == {}  # no teacher records
+
+
 def test_adabn_at_some_shares_is_reported_there_and_left_out_of_the_recommendation():
     """A study that measures AdaBN at one site share (the demo's ``adabn_shares``) shows its rows there, says
     where it is missing, and recommends among the methods measured at every share."""

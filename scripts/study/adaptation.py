@@ -21,9 +21,10 @@ draws meeting the target (both ≥ :data:`TARGET`) and the refusal rate. The rep
 worst case (lowest of mean sensitivity and specificity over every set and share) is highest for the default KD
 student.
 
-Command line (adds the AdaBN scores to a finished study's records, then prints the table)::
+Command line (adds the AdaBN scores to a finished study's records, then prints the table; ``--site-sizes`` also
+prints how the recommended ``mixture`` depends on the number of a site's scans, :func:`site_size_sweep`)::
 
-    python -m scripts.study.adaptation eval/study-cpu
+    python -m scripts.study.adaptation eval/study-cpu [--site-sizes 20 30 40 60 100]
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ __all__ = [
     "evaluate_record",
     "adaptation_results",
     "adaptation_section",
+    "site_size_sweep",
+    "site_size_section",
 ]
 
 SHARES = (0.2, 0.5, 0.8)
@@ -62,6 +65,8 @@ TARGET = 0.90
 """Sensitivity and specificity every method should reach at every set and share."""
 N_DRAWS = 100
 """Bootstrap draws of each site."""
+SIZE_DRAWS = 40
+"""Draws of each site size and seed in :func:`site_size_sweep`."""
 ADAPTED_KEY = "adapted_predictions"
 """Record key of the AdaBN scores: ``{"<set>@<share>": {"files", "labels", "scores"}}``."""
 
@@ -282,6 +287,95 @@ def adaptation_results(
     return {"models": models, "seeds": {m: len(r) for m, r in per_model.items()}, "n_draws": n_draws}
 
 
+def site_size_sweep(
+    records: Sequence[Mapping],
+    in_domain: str,
+    externals: Sequence[str],
+    sizes: Sequence[int],
+    n_draws: int = SIZE_DRAWS,
+    model: str | None = None,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """How ``mixture`` depends on the number of a site's scans, for one model's records (default: the default KD
+    student; seeds pooled).
+
+    For every external set, true PD share in :data:`SHARES` and size ``N`` in ``sizes``: ``n_draws`` sites per seed
+    of ``round(N · share)`` PD and ``N - round(N · share)`` HC scans, drawn without replacement from that share's
+    subset (:func:`share_subset`; draw ``b`` uses seed ``b``). The mixture is fitted with the size floor lowered
+    to ``N``, so that small sites are measured rather than refused for their size; a refusal keeps the in-domain
+    threshold.
+
+    Returns:
+        ``{"<set>@<share>": {N: {"refused": share of draws refused, "p10": 10th percentile over draws of the lower
+        of sensitivity and specificity, "draws": n}}}``; sizes larger than the share's subset allows are left out.
+    """
+    model = model or f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+    chosen = [r for r in records if "axes" in r and "predictions" in r and _model(Cell.from_dict(r["axes"])) == model]
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name in externals:
+        for share in SHARES:
+            key = _share_key(name, share)
+            for n in sizes:
+                n_pd = max(1, round(n * share))
+                n_hc = n - n_pd
+                refused, worst = [], []
+                for record in chosen:
+                    predictions = record["predictions"]
+                    test = predictions.get(f"{name}/test")
+                    if test is None:
+                        continue
+                    val = predictions[f"{in_domain}/validation"]
+                    fallback = SourceScores.from_arrays(val["scores"], val["labels"]).threshold
+                    labels_all = np.asarray(test["labels"])
+                    subset = share_subset(labels_all, share)
+                    y, s = labels_all[subset], np.asarray(test["scores"], dtype=np.float64)[subset]
+                    pd_idx, hc_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+                    if n_hc < 1 or pd_idx.size < n_pd or hc_idx.size < n_hc:
+                        continue
+                    for b in range(n_draws):
+                        rng = np.random.default_rng(b)
+                        draw = np.concatenate(
+                            [rng.choice(pd_idx, n_pd, replace=False), rng.choice(hc_idx, n_hc, replace=False)]
+                        )
+                        try:
+                            threshold = adapt_scores("mixture", s[draw], None, fallback, min(n, MIN_SCANS))["threshold"]
+                            refused.append(False)
+                        except SiteAdaptationRefusedError:
+                            threshold = fallback
+                            refused.append(True)
+                        sens, spec = _metrics(y[draw], s[draw], threshold)
+                        worst.append(min(sens, spec))
+                if worst:
+                    out.setdefault(key, {})[int(n)] = {
+                        "refused": float(np.mean(refused)),
+                        "p10": float(np.quantile(worst, 0.1)),
+                        "draws": len(worst),
+                    }
+    return out
+
+
+def site_size_section(sweep: Mapping[str, Mapping[int, Mapping[str, float]]], model: str | None = None) -> str:
+    """Markdown table of :func:`site_size_sweep`: per set and share, refusals and the 10th percentile of the lower
+    of sensitivity and specificity at each site size."""
+    sizes = sorted({int(n) for row in sweep.values() for n in row})
+    if not sizes:
+        return ""
+    model = model or f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+    lines = [
+        f"### Site size: `mixture`, {model}",
+        "",
+        "Refused share of draws / 10th percentile over draws of the lower of sensitivity and specificity, for sites of "
+        "N scans drawn without replacement at each true PD share.",
+        "",
+        "| site | " + " | ".join(f"N = {n}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for key, row in sweep.items():
+        name, share = key.split("@")
+        cells = [f"{row[n]['refused']:.0%} / {row[n]['p10']:.2f}" if n in row else "–" for n in sizes]
+        lines.append(f"| {name}, {share} PD | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def recommend(results: Mapping[str, Any], model: str) -> tuple[str, float, bool] | None:
     """``(method, worst case, meets target everywhere)`` with the highest worst case of ``min(sens, spec)`` over
     every set and share for ``model`` (ties: the simpler method, in :data:`METHODS` order)."""
@@ -411,7 +505,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=N_DRAWS)
     parser.add_argument("--no-adabn", action="store_true", help="do not run AdaBN for records lacking it")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument(
+        "--site-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="also print how mixture depends on a site's number of scans, at these sizes (e.g. 20 30 40 60 100)",
+    )
     args = parser.parse_args(argv)
+    if args.site_sizes and min(args.site_sizes) < 2:
+        parser.error("--site-sizes: a site needs at least 2 scans.")
     from scripts.study.results import ResultsFile
     from scripts.study.runner import context_from_study
 
@@ -424,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(adaptation_section(results))
+    if args.site_sizes:
+        print(site_size_section(site_size_sweep(records, ctx.in_domain, externals, args.site_sizes)))
     return 0
 
 
