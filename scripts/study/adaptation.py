@@ -67,6 +67,8 @@ N_DRAWS = 100
 """Bootstrap draws of each site."""
 SIZE_DRAWS = 40
 """Draws of each site size and seed in :func:`site_size_sweep`."""
+DEFAULT_MODEL = f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+"""The report's name of the default KD student (the model the recommendation is for)."""
 ADAPTED_KEY = "adapted_predictions"
 """Record key of the AdaBN scores: ``{"<set>@<share>": {"files", "labels", "scores"}}``."""
 
@@ -308,27 +310,17 @@ def site_size_sweep(
         ``{"<set>@<share>": {N: {"refused": share of draws refused, "p10": 10th percentile over draws of the lower
         of sensitivity and specificity, "draws": n}}}``; sizes larger than the share's subset allows are left out.
     """
-    model = model or f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+    model = model or DEFAULT_MODEL
     chosen = [r for r in records if "axes" in r and "predictions" in r and _model(Cell.from_dict(r["axes"])) == model]
     out: dict[str, dict[int, dict[str, float]]] = {}
     for name in externals:
         for share in SHARES:
-            key = _share_key(name, share)
+            pools = [p for p in (_site_pool(r, in_domain, name, share) for r in chosen) if p is not None]
             for n in sizes:
                 n_pd = max(1, round(n * share))
                 n_hc = n - n_pd
                 refused, worst = [], []
-                for record in chosen:
-                    predictions = record["predictions"]
-                    test = predictions.get(f"{name}/test")
-                    if test is None:
-                        continue
-                    val = predictions[f"{in_domain}/validation"]
-                    fallback = SourceScores.from_arrays(val["scores"], val["labels"]).threshold
-                    labels_all = np.asarray(test["labels"])
-                    subset = share_subset(labels_all, share)
-                    y, s = labels_all[subset], np.asarray(test["scores"], dtype=np.float64)[subset]
-                    pd_idx, hc_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+                for y, s, pd_idx, hc_idx, fallback in pools:
                     if n_hc < 1 or pd_idx.size < n_pd or hc_idx.size < n_hc:
                         continue
                     for b in range(n_draws):
@@ -345,12 +337,27 @@ def site_size_sweep(
                         sens, spec = _metrics(y[draw], s[draw], threshold)
                         worst.append(min(sens, spec))
                 if worst:
-                    out.setdefault(key, {})[int(n)] = {
+                    out.setdefault(_share_key(name, share), {})[int(n)] = {
                         "refused": float(np.mean(refused)),
                         "p10": float(np.quantile(worst, 0.1)),
                         "draws": len(worst),
                     }
     return out
+
+
+def _site_pool(record: Mapping, in_domain: str, name: str, share: float) -> tuple | None:
+    """``(labels, scores, PD indices, HC indices, in-domain threshold)`` of a record's site subset of external set
+    ``name`` at PD ``share`` (:func:`share_subset`); ``None`` when the record did not score that set."""
+    predictions = record["predictions"]
+    test = predictions.get(f"{name}/test")
+    if test is None:
+        return None
+    val = predictions[f"{in_domain}/validation"]
+    labels_all = np.asarray(test["labels"])
+    subset = share_subset(labels_all, share)
+    y, s = labels_all[subset], np.asarray(test["scores"], dtype=np.float64)[subset]
+    threshold = SourceScores.from_arrays(val["scores"], val["labels"]).threshold
+    return y, s, np.flatnonzero(y == 1), np.flatnonzero(y == 0), threshold
 
 
 def site_size_section(sweep: Mapping[str, Mapping[int, Mapping[str, float]]], model: str | None = None) -> str:
@@ -359,7 +366,7 @@ def site_size_section(sweep: Mapping[str, Mapping[int, Mapping[str, float]]], mo
     sizes = sorted({int(n) for row in sweep.values() for n in row})
     if not sizes:
         return ""
-    model = model or f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+    model = model or DEFAULT_MODEL
     lines = [
         f"### Site size: `mixture`, {model}",
         "",
@@ -401,7 +408,7 @@ def adaptation_section(results: Mapping[str, Any], default_model: str | None = N
     models = results.get("models") or {}
     if not models:
         return ""
-    default_model = default_model or f"2D {DEFAULT_PROJECTION.replace('_', ' ')}, with KD"
+    default_model = default_model or DEFAULT_MODEL
     lines = [
         "## Site adaptation without labels",
         f"Each external set is turned into sites with a true PD share of {', '.join(f'{s:g}' for s in SHARES)} "
