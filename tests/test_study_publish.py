@@ -46,3 +46,44 @@ def test_publish_models_leaves_the_folder_alone_without_checkpoints(tmp_path, ca
     cells, n_teachers = _demo_cells()
     assert publish_models(tmp_path / "study", cells, n_teachers, tmp_path / "models") == []
     assert not (tmp_path / "models" / "model.pt").exists() and "left unchanged" in capsys.readouterr().out
+
+
+class _FinishedProcess:
+    """A cell process that has already exited successfully."""
+
+    returncode = 0
+
+    def poll(self) -> int:
+        return 0
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self) -> int:
+        return 0
+
+
+def test_parallel_jobs_start_the_teacher_first_and_each_kd_student_after_it(tmp_path, monkeypatch):
+    """``--jobs 2`` starts the cell that heads the longest chain (the teacher, then its KD students) before the
+    baselines that precede it in matrix order; every KD student still waits for its teacher."""
+    from scripts.study import executors
+    from scripts.study.cells import StudyContext
+
+    cells, n_teachers = _demo_cells()
+    started: list[str] = []
+
+    def start(run_dir, cell, threads=None):
+        started.append(cell.name)
+        return _FinishedProcess()
+
+    monkeypatch.setattr(executors, "start_cell_process", start)
+    monkeypatch.setattr(executors, "cell_process_record", lambda run_dir, cell, rc: {"seconds": {}})
+    finished: list[str] = []
+    plan = executors.CellPlan(StudyContext(tmp_path, {"benchmark": "unused.json"}), cells, n_teachers=n_teachers)
+    outcome = executors.LocalExecutor(jobs=2).run(plan, lambda cell, record: finished.append(cell.name))
+    assert outcome.failures == [] and outcome.not_started == 0 and sorted(finished) == sorted(c.name for c in cells)
+    assert cells[0].kind == "baseline" and started[0].startswith("teacher-")
+    for cell in cells:
+        teacher = cell.teacher(n_teachers)
+        if teacher is not None:
+            assert finished.index(teacher.name) < started.index(cell.name)

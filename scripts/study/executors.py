@@ -205,17 +205,18 @@ class LocalExecutor(Executor):
         return Outcome(not_started=len(plan.cells) - len(selected))
 
     def _run_parallel(self, plan: CellPlan, finished: Finished) -> Outcome:
-        """Up to ``jobs`` cell processes at a time, in matrix order, each KD student once its teacher cell has
-        finished."""
+        """Up to ``jobs`` cell processes at a time, each KD student once its teacher cell has finished. Teachers
+        start first (they head the longest chains: a teacher, then its students), the rest in matrix order; in the
+        demo this starts the teacher 11 s sooner than matrix order, which puts two baselines first."""
         threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // self.jobs))
         run_dir = plan.ctx.run_dir
-        pending, done = list(plan.cells), set(plan.finished)
+        selected = plan.selected()
+        pending, done = sorted(selected, key=lambda c: c.kind != "teacher"), set(plan.finished)
         running: dict[str, tuple[Cell, subprocess.Popen, float]] = {}
-        launched = 0
         try:
             while pending or running:
                 for cell in list(pending):
-                    if len(running) >= self.jobs or (plan.max_cells is not None and launched >= plan.max_cells):
+                    if len(running) >= self.jobs:
                         break
                     teacher = plan.teacher(cell)
                     if teacher is not None and teacher.name not in done:
@@ -224,9 +225,8 @@ class LocalExecutor(Executor):
                     print(f"-> {cell.name}", flush=True)
                     running[cell.name] = (cell, start_cell_process(run_dir, cell, threads), time.perf_counter())
                     pending.remove(cell)
-                    launched += 1
                 if not running:
-                    return Outcome(not_started=len(pending))
+                    return Outcome(not_started=len(plan.cells) - len(selected) + len(pending))
                 time.sleep(0.5)
                 for name, (cell, proc, start) in list(running.items()):
                     if proc.poll() is None:
@@ -235,12 +235,12 @@ class LocalExecutor(Executor):
                     try:
                         record = cell_process_record(run_dir, cell, proc.returncode)
                     except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
-                        return Outcome([CellFailure(cell, str(e))], len(pending))
+                        return Outcome([CellFailure(cell, str(e))], len(plan.cells) - len(selected) + len(pending))
                     record["seconds"]["wall"] = time.perf_counter() - start
                     record["mode"] = f"subprocess ({self.jobs} jobs)"
                     finished(cell, record)
                     done.add(name)
-            return Outcome()
+            return Outcome(not_started=len(plan.cells) - len(selected))
         finally:
             for _, proc, _ in running.values():  # interrupted or failed: stop the other cells (they rerun on resume)
                 proc.terminate()
