@@ -417,10 +417,11 @@ PRESETS: dict[str, dict] = {
 """Named matrices: ``demo`` (``make demo``: teacher + KD / no-KD student of the default projection on 150 subjects,
 external sets of 100, ~4 min of cells on 2 CPU cores), ``cpu`` (``make study``: every part on a 2-core CPU; the
 low-data sweep at ~20 and ~40 training scans on ``single_slice`` and ``joint_fusion_slices`` with 10 seeds and both
-teachers, and a 5 % label-noise arm at ~40 scans; 12 teachers and 214 students, about 5 h with ``--jobs 2``, not
-measured yet), ``lowdata`` (the low-data arm alone: ``single_slice`` at ~20 and ~40 training scans, KD from the
-full-data teacher vs no KD, then 5 % flipped labels at ~40 scans; 10 seeds), ``full`` (every projection and variant,
-both low-data teachers, long schedules: GPU)."""
+teachers, and a 5 % label-noise arm at ~40 scans; 12 teachers and 214 students, not run end to end: at most about
+13.5 h with ``--jobs 2`` by the per-cell times of docs/results.md, 1,935 s a teacher and 344 s a student, and less as
+the low-data students train on a tenth of the scans), ``lowdata`` (the low-data arm alone: ``single_slice`` at ~20
+and ~40 training scans, KD from the full-data teacher vs no KD, then 5 % flipped labels at ~40 scans; 10 seeds),
+``full`` (every projection and variant, both low-data teachers, long schedules: GPU)."""
 
 
 def preset(name: str, **changes) -> MatrixSpec:
