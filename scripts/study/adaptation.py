@@ -106,8 +106,14 @@ def wants_adabn(cell: Cell) -> bool:
     )
 
 
+def adabn_shares(ctx: Any) -> tuple[float, ...]:
+    """The site PD shares whose AdaBN scores the study measures: ``ctx.adabn_shares``, :data:`SHARES` when that is
+    ``None``, none when it is empty."""
+    return SHARES if ctx.adabn_shares is None else tuple(ctx.adabn_shares)
+
+
 def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Mapping | None = None) -> dict:
-    """Score every external set's share subsets (the shares of ``ctx.adabn_shares``, by default :data:`SHARES`) with
+    """Score every external set's share subsets (the shares of :func:`adabn_shares`) with
     ``checkpoint`` after AdaBN, through ``configs/inference.json``.
 
     Each site is written as a datalist ``<cell dir>/adaptation/<set>@<share>.json``; the inference runs in
@@ -132,7 +138,7 @@ def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Ma
             continue
         entries = sorted(load_datalist(ctx.datasets[name], "test"), key=lambda e: str(e["image"]))
         labels = [int(e["label"]) for e in entries]
-        for share in ctx.adabn_shares or SHARES:
+        for share in adabn_shares(ctx):
             key = _share_key(name, share)
             site = [entries[i] for i in share_subset(labels, share)]
             if len(site) < MIN_SCANS:  # every method would refuse so small a site: nothing to measure
@@ -494,6 +500,8 @@ def add_adabn(run_dir: str | Path) -> int:
     ctx = context_from_study(run_dir)
     results = ResultsFile(Path(run_dir) / "results.jsonl")
     added = 0
+    if not adabn_shares(ctx):
+        return added
     for name, record in results.read().items():
         cell = Cell.from_dict(record["axes"])
         if cell.kind == "baseline" or not wants_adabn(cell) or record.get(ADAPTED_KEY) or "checkpoint" not in record:

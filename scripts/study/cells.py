@@ -61,7 +61,7 @@ class StudyContext:
         teacher_settings, student_settings: overrides of the teacher / student trainings (epochs, ...).
         n_teachers: number of teacher seeds (a KD student of seed ``s`` learns from teacher ``s mod n``).
         prevalence: assumed PD prevalence per external set for the label-free recalibrated threshold.
-        adabn_shares: site PD shares whose AdaBN scores are measured (``None``: every share), see
+        adabn_shares: site PD shares whose AdaBN scores are measured (``None``: every share; empty: none), see
             :class:`scripts.study.matrix.MatrixSpec`.
     """
 
@@ -356,9 +356,9 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
     record["seconds"]["evaluate"] = time.perf_counter() - start
     record["predictions"] = predictions
     record["thresholds"], record["metrics"] = operating_metrics(ctx, predictions, 0.5)
-    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, wants_adabn
+    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, adabn_shares, wants_adabn
 
-    if wants_adabn(cell) and len(ctx.datasets) > 1:  # the external sets re-scored after AdaBN (site adaptation)
+    if wants_adabn(cell) and len(ctx.datasets) > 1 and adabn_shares(ctx):  # external sets re-scored after AdaBN
         start = time.perf_counter()
         record[ADAPTED_KEY] = adabn_predictions(ctx, cell, checkpoint)
         gc.collect()

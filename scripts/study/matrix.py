@@ -311,7 +311,8 @@ class MatrixSpec:
         settings: other config overrides shared by every cell (grid, batch sizes, ...).
         adabn_shares: true PD shares of the simulated sites whose AdaBN scores the study measures (the networks'
             forward passes over every site: the teacher's are most of a small study's time); ``None`` for every
-            share of :data:`scripts.study.adaptation.SHARES`. The score-based methods always see every share.
+            share of :data:`scripts.study.adaptation.SHARES`, ``()`` for none (the ``demo``). The score-based
+            methods always see every share.
     """
 
     projections: tuple[str, ...] = (DEFAULT_PROJECTION,)
@@ -370,7 +371,7 @@ PRESETS: dict[str, dict] = {
         "teacher_epochs": 6,
         "student_epochs": 8,
         "n_subjects": {"benchmark": 150, "av133": 100, "spect_other_site": 100},
-        "adabn_shares": (0.5,),
+        "adabn_shares": (),
     },
     "cpu": {
         "projections": ("single_slice", "early_fusion_slices", "joint_fusion_slices", "dynamic_image", "entropy"),
