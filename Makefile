@@ -6,14 +6,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup setup-ray demo study study-report test test-slow test-ray test-tracking test-monailabel lint format zoo-check
 
-# --no-compile: pip would byte-compile every installed module (torch's thousands) up front; Python compiles the ones
-# a program imports on first import instead. Measured on a 2-core machine: 37 s instead of 62-77 s to install, 13 s
-# instead of 6 s for the first `import torch, monai` (later imports read the cached bytecode).
-PIP_INSTALL := -m pip install --quiet --no-compile
-
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) $(PIP_INSTALL) -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,7 +16,7 @@ setup: $(VENV)/.installed
 # Optional: Ray in the same environment, for `python -m scripts.study run --executor ray` (docs/cluster.md) and its
 # tests, which `make test` skips without it.
 $(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
-	$(PY) $(PIP_INSTALL) -r requirements-ray.txt
+	$(PY) -m pip install --quiet -r requirements-ray.txt
 	touch $@
 
 setup-ray: $(VENV)/.ray-installed
@@ -72,7 +67,7 @@ zoo-check: setup
 # Opt-in: MLflow tracking test in its own environment (mlflow-skinny and SQLAlchemy).
 .venv-tracking/.installed: requirements-dev.txt requirements-tracking.txt
 	$(PYTHON) -m venv .venv-tracking
-	.venv-tracking/bin/python $(PIP_INSTALL) -r requirements-dev.txt -r requirements-tracking.txt
+	.venv-tracking/bin/python -m pip install --quiet -r requirements-dev.txt -r requirements-tracking.txt
 	touch $@
 
 test-tracking: .venv-tracking/.installed

@@ -20,7 +20,7 @@ if [ ! -f "$STAMP" ] || [ "$REQ" -nt "$STAMP" ]; then
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install --quiet --no-compile -r "$REQ"  # bytecode on first import (see Makefile)
+    "$VENV/bin/python" -m pip install --quiet -r "$REQ"
     "$VENV/bin/python" -m pip check || echo "warning: pip check reported conflicts (see above)" >&2
     touch "$STAMP"
     echo "monailabel environment ready in $(( $(date +%s) - start )) s at $VENV ($(du -sh "$VENV" | cut -f1))"
