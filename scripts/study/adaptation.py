@@ -49,6 +49,7 @@ __all__ = [
     "N_DRAWS",
     "share_subset",
     "wants_adabn",
+    "measures_adabn",
     "adabn_predictions",
     "evaluate_record",
     "adaptation_results",
@@ -110,6 +111,12 @@ def adabn_shares(ctx: Any) -> tuple[float, ...]:
     """The site PD shares whose AdaBN scores the study measures: ``ctx.adabn_shares``, :data:`SHARES` when that is
     ``None``, none when it is empty."""
     return SHARES if ctx.adabn_shares is None else tuple(ctx.adabn_shares)
+
+
+def measures_adabn(ctx: Any, cell: Cell) -> bool:
+    """Whether the study re-scores ``cell``'s external sets after AdaBN: a cell the adaptation table compares
+    (:func:`wants_adabn`), a study with external sets, and at least one site share (:func:`adabn_shares`)."""
+    return wants_adabn(cell) and len(ctx.datasets) > 1 and bool(adabn_shares(ctx))
 
 
 def adabn_predictions(ctx: Any, cell: Cell, checkpoint: str | Path, settings: Mapping | None = None) -> dict:
@@ -500,11 +507,9 @@ def add_adabn(run_dir: str | Path) -> int:
     ctx = context_from_study(run_dir)
     results = ResultsFile(Path(run_dir) / "results.jsonl")
     added = 0
-    if not adabn_shares(ctx):
-        return added
     for name, record in results.read().items():
         cell = Cell.from_dict(record["axes"])
-        if cell.kind == "baseline" or not wants_adabn(cell) or record.get(ADAPTED_KEY) or "checkpoint" not in record:
+        if not measures_adabn(ctx, cell) or record.get(ADAPTED_KEY) or "checkpoint" not in record:
             continue
         with log_to(Path(run_dir) / "cells" / name / "log.txt"):
             record[ADAPTED_KEY] = adabn_predictions(ctx, cell, record["checkpoint"])

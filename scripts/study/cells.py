@@ -356,9 +356,9 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
     record["seconds"]["evaluate"] = time.perf_counter() - start
     record["predictions"] = predictions
     record["thresholds"], record["metrics"] = operating_metrics(ctx, predictions, 0.5)
-    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, adabn_shares, wants_adabn
+    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, measures_adabn
 
-    if wants_adabn(cell) and len(ctx.datasets) > 1 and adabn_shares(ctx):  # external sets re-scored after AdaBN
+    if measures_adabn(ctx, cell):  # the external sets re-scored after AdaBN (site adaptation)
         start = time.perf_counter()
         record[ADAPTED_KEY] = adabn_predictions(ctx, cell, checkpoint)
         gc.collect()

@@ -85,6 +85,11 @@ class CellPlan:
         """The cells this run may start: the first ``max_cells`` in matrix order (their teachers come first)."""
         return list(self.cells if self.max_cells is None else self.cells[: self.max_cells])
 
+    @property
+    def unselected(self) -> int:
+        """How many cells lie beyond ``max_cells``: this run does not start them."""
+        return len(self.cells) - len(self.selected())
+
 
 @dataclass
 class CellFailure:
@@ -198,11 +203,11 @@ class LocalExecutor(Executor):
                     record = self.cell_function(plan.ctx, cell)
             except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
                 message = str(find_input_error(e) or e)
-                return Outcome([CellFailure(cell, message, folder / "log.txt")], len(plan.cells) - len(selected))
+                return Outcome([CellFailure(cell, message, folder / "log.txt")], plan.unselected)
             record["seconds"]["wall"] = time.perf_counter() - start
             record["mode"] = "subprocess" if self.subprocess else "in-process"
             finished(cell, record)
-        return Outcome(not_started=len(plan.cells) - len(selected))
+        return Outcome(not_started=plan.unselected)
 
     def _run_parallel(self, plan: CellPlan, finished: Finished) -> Outcome:
         """Up to ``jobs`` cell processes at a time, each KD student once its teacher cell has finished. Teachers
@@ -210,8 +215,7 @@ class LocalExecutor(Executor):
         demo this starts the teacher 11 s sooner than matrix order, which puts two baselines first."""
         threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // self.jobs))
         run_dir = plan.ctx.run_dir
-        selected = plan.selected()
-        pending, done = sorted(selected, key=lambda c: c.kind != "teacher"), set(plan.finished)
+        pending, done = sorted(plan.selected(), key=lambda c: c.kind != "teacher"), set(plan.finished)
         running: dict[str, tuple[Cell, subprocess.Popen, float]] = {}
         try:
             while pending or running:
@@ -226,7 +230,7 @@ class LocalExecutor(Executor):
                     running[cell.name] = (cell, start_cell_process(run_dir, cell, threads), time.perf_counter())
                     pending.remove(cell)
                 if not running:
-                    return Outcome(not_started=len(plan.cells) - len(selected) + len(pending))
+                    return Outcome(not_started=plan.unselected + len(pending))
                 time.sleep(0.5)
                 for name, (cell, proc, start) in list(running.items()):
                     if proc.poll() is None:
@@ -235,12 +239,12 @@ class LocalExecutor(Executor):
                     try:
                         record = cell_process_record(run_dir, cell, proc.returncode)
                     except Exception as e:  # noqa: BLE001 - one line naming the cell; the traceback is in its log
-                        return Outcome([CellFailure(cell, str(e))], len(plan.cells) - len(selected) + len(pending))
+                        return Outcome([CellFailure(cell, str(e))], plan.unselected + len(pending))
                     record["seconds"]["wall"] = time.perf_counter() - start
                     record["mode"] = f"subprocess ({self.jobs} jobs)"
                     finished(cell, record)
                     done.add(name)
-            return Outcome(not_started=len(plan.cells) - len(selected))
+            return Outcome(not_started=plan.unselected)
         finally:
             for _, proc, _ in running.values():  # interrupted or failed: stop the other cells (they rerun on resume)
                 proc.terminate()
@@ -463,7 +467,7 @@ class RayExecutor(Executor):
         finally:
             for ref in pending:  # interrupted: stop what runs, drop what waits (those cells rerun on resume)
                 ray.cancel(ref, force=True)
-        return Outcome(failures, len(plan.cells) - len(selected))
+        return Outcome(failures, plan.unselected)
 
     def _failure(self, plan: CellPlan, cell: Cell, error: Exception, refs: dict) -> CellFailure:
         teacher = plan.teacher(cell)
