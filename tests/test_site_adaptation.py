@@ -387,3 +387,40 @@ def test_adabn_at_some_shares_is_reported_there_and_left_out_of_the_recommendati
     assert "adabn+mixture" in table["ext@0.5"] and "adabn" not in table["ext@0.2"] and "adabn" not in table["ext@0.8"]
     assert not recommend(results, "2D joint fusion slices, with KD")[0].startswith("adabn")
     assert "AdaBN was not measured at PD share 0.2, 0.8" in adaptation_section(results)
+
+
+@pytest.mark.parametrize(
+    ("datasets", "shares", "measured"),
+    [
+        ({"bench": "b.json", "ext": "e.json"}, None, True),
+        ({"bench": "b.json", "ext": "e.json"}, [0.5], True),
+        ({"bench": "b.json", "ext": "e.json"}, [], False),  # the demo: AdaBN left out
+        ({"bench": "b.json"}, None, False),  # no external set to adapt to
+    ],
+)
+def test_add_adabn_rescores_only_what_the_study_measures(tmp_path, monkeypatch, datasets, shares, measured):
+    """``python -m scripts.study.adaptation RUN_DIR`` re-scores a finished cell only when its study measures
+    AdaBN (external sets and at least one site share), as the cell itself does; otherwise results.jsonl is left
+    as it was."""
+    import json
+
+    import scripts.study.adaptation as adaptation
+    from scripts.study.cells import StudyContext
+    from scripts.study.matrix import build_cells, preset
+
+    settings = {"datasets": datasets, "shared": {}, "teacher": {}, "student": {}, "n_teachers": 1, "prevalence": {}}
+    (tmp_path / "study.json").write_text(json.dumps({"settings": settings, "matrix": {"adabn_shares": shares}}))
+    teacher = next(c for c in build_cells(preset("demo")) if c.kind == "teacher")
+    (tmp_path / "cells" / teacher.name).mkdir(parents=True)  # a finished cell's folder
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"cell": teacher.name, "axes": teacher.as_dict(), "checkpoint": "t.pt"}) + "\n")
+    before = results.read_text()
+    calls = []
+
+    def scored(ctx: StudyContext, cell, checkpoint):
+        calls.append((tuple(adaptation.adabn_shares(ctx)), cell.name))
+        return {"ext@0.5": {"files": [], "labels": [], "scores": []}}
+
+    monkeypatch.setattr(adaptation, "adabn_predictions", scored)
+    assert adaptation.add_adabn(tmp_path) == int(measured)
+    assert (results.read_text() != before) == measured and len(calls) == int(measured)
