@@ -1,9 +1,10 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
 """Event handlers that MONAI does not ship: checkpoint publishing, streaming per-scan predictions (with a row for
-every scan that could not be scored), projection PNGs.
+every scan that could not be scored), projection PNGs, the new-site adaptation of inference (:class:`SiteAdapter`).
 
-Metrics, metric files and checkpoints of a run use MONAI's and ignite's own handlers (see the configs).
+Metric files and checkpoints of a run use MONAI's and ignite's own handlers (see the configs); the validation
+metric functions those handlers call are in :mod:`scripts.metrics`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,26 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from scripts.errors import InputError
+from scripts.errors import InputError, _running_cli
+from scripts.site_adaptation import (
+    EXIT_REFUSED,
+    MIN_SCANS,
+    SiteAdaptationRefusedError,
+    SourceScores,
+    adapt_batchnorm,
+    adapt_scores,
+    parse_methods,
+)
 from scripts.transforms import FAILED_KEY, WARNINGS_KEY
 
 __all__ = [
@@ -30,22 +43,8 @@ __all__ = [
     "skip_failed_scans",
     "ProjectionPNGSaver",
     "atomic_write_json",
-    "f1_macro",
-    "accuracy",
-    "roc_auc",
-    "sensitivity",
-    "specificity",
-    "SELECTION_METRICS",
+    "SiteAdapter",
 ]
-
-SELECTION_METRICS = ("f1_macro", "auc", "auc_ce", "accuracy")
-"""Validation metrics a training run may select its best checkpoint (and stop early) by: the ``selection_metric``
-option; ``validate#metrics`` in ``configs/train_teacher.json`` holds them. ``f1_macro`` and ``accuracy`` score the
-arg-max class, so a network that still calls every validation scan PD scores the same epoch after epoch and the
-first such epoch is kept; ``auc`` (ROC AUC) is threshold-free and moves with the ranking, which is what the
-operating point chosen on validation uses. On a small validation split ROC AUC saturates too (every epoch after
-the first perfect ranking scores 1.000, and the first is kept); ``auc_ce`` (:func:`roc_auc_then_ce`) breaks such
-ties by the validation cross-entropy (the study's low-data cells select by it)."""
 
 
 def atomic_write_json(path: str | os.PathLike, content: object) -> None:
@@ -408,97 +407,143 @@ class ProjectionPNGSaver:
             Image.fromarray(array).save(self.output_dir / f"{_stem(name)}.png")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# validation metrics computed once per validation, on device tensors
-# --------------------------------------------------------------------------------------------------------------------
-def _scores_and_labels(pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities ``(N, C)`` as float32 and integer labels ``(N,)`` of a whole validation."""
-    pred = pred.float()
-    if pred.ndim == 1:  # ignite's EpochMetric squeezes a single-column prediction
-        pred = pred[:, None]
-    return pred, label.reshape(-1).long()
+class SiteAdapter:
+    """The ``--site_adaptation`` option of ``configs/inference.json`` (the methods: :mod:`scripts.site_adaptation`).
 
+    Attached to the evaluator (after its ``CheckpointLoader``), it re-estimates the batch-norm statistics on the
+    site's scans when ``adabn`` is asked for, before any scan is scored. :meth:`finish` (a ``run`` step after the
+    evaluator) applies the score method to the scores :class:`PredictionSaver` collected, writes
+    ``site_adaptation.json`` (method, estimated PD share, threshold, fit details) next to ``predictions.csv``, and
+    adds the adapted decision to ``predictions.csv`` (``adapted_class``, ``adapted_label``). A refusal is recorded
+    there too; :meth:`raise_on_refusal` (the last ``run`` step) then ends the command line with a one-line error
+    and exit status :data:`scripts.site_adaptation.EXIT_REFUSED`.
 
-def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(label, num_classes).float()
+    Args:
+        methods: the ``--site_adaptation`` value (see :func:`scripts.site_adaptation.parse_methods`).
+        prediction_saver: the run's :class:`PredictionSaver`.
+        model_file: the checkpoint (its recorded validation scores calibrate ``em`` and ``bbse``).
+        min_scans: minimum number of the site's scans.
+    """
 
+    def __init__(self, methods: str, prediction_saver: Any, model_file: str = "", min_scans: int = MIN_SCANS):
+        self.spec = str(methods)
+        self.adabn, self.method = parse_methods(methods)
+        self.saver = prediction_saver
+        self.model_file = str(model_file)
+        try:
+            self.min_scans = int(min_scans)
+        except (TypeError, ValueError):
+            raise InputError(f"--site_adaptation_min_scans must be an integer, got {min_scans!r}.") from None
+        self.refusal: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.adabn_scans = 0
+        self._scores: dict[str, float] = {}
 
-def _item(value: Any) -> float:
-    """A metric's value as MONAI's metric handlers report it (first of a list, a squeezed tensor as a number)."""
-    if isinstance(value, (list, tuple)):
-        value = value[0]
-    if isinstance(value, torch.Tensor):
-        value = value.squeeze()
-        return float(value.item()) if value.ndim == 0 else value
-    return float(value)
+    @property
+    def enabled(self) -> bool:
+        return self.adabn or self.method != "none"
 
+    def attach(self, engine: Any) -> None:
+        if self.adabn:
+            engine.add_event_handler(Events.STARTED, self._adabn)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._scores.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
 
-def f1_macro(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """Macro F1 of every prediction of a validation at once: the mean over classes of the per-class F1, as ignite's
-    ``Fbeta(beta=1, average=True)`` computes it (same epsilons).
+    def _collect(self, engine: Any) -> None:
+        """Keep every scored scan's P(PD) at full precision (``predictions.csv`` rounds it to 6 decimals, which
+        would flatten every confident HC scan to 0 and hide the spread of their logits)."""
+        output = engine.state.output
+        if not output or not self.enabled:
+            return
+        preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
+        probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
+        probs = probs.detach().float().reshape(probs.shape[0], -1)[:, 1].cpu().double().tolist()
+        names = _filenames(engine.state.batch)
+        if len(names) != len(probs):
+            return
+        self._scores.update(zip(names, probs))
 
-    Written with tensor operations rather than by calling ignite's metric: ``EpochMetric`` calls this on rank 0 only
-    after gathering every rank's predictions, and ignite's own metrics would then wait for an all-reduce that the
-    other ranks never join (a multi-GPU run hung at its first validation)."""
-    pred, label = _scores_and_labels(pred, label)
-    classes = torch.arange(pred.shape[1], device=pred.device)
-    predicted = pred.argmax(dim=1)[:, None] == classes
-    actual = label[:, None] == classes
-    tp = (predicted & actual).sum(dim=0).double()
-    precision = tp / (predicted.sum(dim=0).double() + 1e-20)
-    recall = tp / (actual.sum(dim=0).double() + 1e-20)
-    return float((2 * precision * recall / (precision + recall + 1e-15)).mean().item())
+    def _inputs(self, engine: Any) -> Iterable[torch.Tensor]:
+        for batch in engine.data_loader:
+            if isinstance(batch, dict):
+                batch.pop(FAILED_KEY, None)
+                if "image" not in batch:
+                    continue
+            inputs, _ = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
+            yield inputs
 
+    def _adabn(self, engine: Any) -> None:
+        try:
+            self.adabn_scans = adapt_batchnorm(engine.network, self._inputs(engine), self.min_scans)
+            engine.logger.info(f"adabn: batch-norm statistics re-estimated on {self.adabn_scans} site scans")
+        except SiteAdaptationRefusedError as e:
+            self.refusal = str(e)
+            engine.logger.warning(f"site adaptation refused: {e}; scans scored with the in-domain statistics")
 
-def accuracy(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """Accuracy of the arg-max class over a whole validation (tensor operations; see :func:`f1_macro` for why not
-    ignite's ``Accuracy``)."""
-    pred, label = _scores_and_labels(pred, label)
-    return float((pred.argmax(dim=1) == label).double().mean().item())
+    def _adabn_summary(self) -> dict[str, Any] | None:
+        """What AdaBN did (applied, scans used), or None when the method does not use it."""
+        if not self.adabn:
+            return None
+        return {"applied": self.adabn and self.refusal is None, "scans": self.adabn_scans}
 
+    def _source(self) -> SourceScores | None:
+        if not self.model_file or not Path(self.model_file).is_file():
+            return None
+        return SourceScores.from_checkpoint(self.model_file)
 
-def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """ROC AUC (MONAI ``compute_roc_auc``, macro over the one-hot classes) of a whole validation.
+    def finish(self) -> dict[str, Any] | None:
+        """Apply the score method, write ``site_adaptation.json`` and the adapted columns; never raises for a
+        refusal (see :meth:`raise_on_refusal`)."""
+        if not self.enabled:
+            return None
+        rows = [r for r in self.saver.rows if not r.get("error")]
+        scores = [self._scores.get(r["image"], float(r["pd_probability"])) for r in rows]
+        source = self._source()
+        in_domain = source.threshold if source is not None else float(self.saver.threshold)
+        out: dict[str, Any] = {
+            "site_adaptation": self.spec,
+            "adabn": self._adabn_summary(),
+            "in_domain_threshold": in_domain,
+            "model_file": self.model_file,
+            "min_scans": self.min_scans,
+        }
+        result = None
+        if self.refusal is None:
+            try:
+                result = adapt_scores(self.method, scores, source, in_domain, self.min_scans)
+            except SiteAdaptationRefusedError as e:
+                self.refusal = str(e)
+        out["refused"] = self.refusal
+        if result is not None:
+            out.update(result)
+            out["called_pd_in_domain"] = float(np.mean(np.asarray(scores) >= in_domain)) if scores else 0.0
+        self.result = out
+        atomic_write_json(self.saver.output_dir / "site_adaptation.json", out)
+        self._write_columns(None if result is None else result["threshold"])
+        return out
 
-    MONAI's functional forms, not its ``Cumulative`` metric classes: those gather every rank's buffer when they
-    aggregate, and ``EpochMetric`` calls this on rank 0 only (see :func:`f1_macro`)."""
-    from monai.metrics import compute_roc_auc
+    def _write_columns(self, threshold: float | None) -> None:
+        path = self.saver.csv_path
+        fields = list(self.saver.FIELDS) + ["adapted_class", "adapted_label"]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in self.saver.rows:
+                adapted = {"adapted_class": "", "adapted_label": ""}
+                if threshold is not None and not row.get("error"):
+                    c = int(self._scores.get(row["image"], float(row["pd_probability"])) >= threshold)
+                    adapted = {"adapted_class": c, "adapted_label": "PD" if c else "HC"}
+                writer.writerow({**row, **adapted})
+        os.replace(tmp, path)
 
-    pred, label = _scores_and_labels(pred, label)
-    return _item(compute_roc_auc(pred, _onehot(label, pred.shape[1]), average="macro"))
-
-
-def roc_auc_then_ce(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """ROC AUC with ties broken by the lower cross-entropy: ``auc - step / 4 * ce / (1 + ce)`` (not below 0).
-
-    With ``step = 1 / (n_PD * n_HC)``, two ROC AUCs of this split differ by at least ``step / 2`` (a tied PD/HC
-    pair counts half), and the penalty stays below ``step / 4``, so the order of two different AUCs never changes;
-    among epochs of equal AUC (a saturated 1.000 on a small split) the better-calibrated one scores higher. The
-    value is at most the AUC and within ``step / 4`` of it. ``pred`` holds class probabilities (the validation
-    postprocessing's softmax)."""
-    probs, labels = _scores_and_labels(pred, label)
-    auc = roc_auc(pred, label)
-    n_pd = int((labels == 1).sum())
-    step = 1.0 / max(1, n_pd * (labels.numel() - n_pd))
-    picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
-    ce = float(-picked.log().mean())
-    return max(0.0, auc - 0.25 * step * ce / (1.0 + ce))
-
-
-def _confusion(pred: torch.Tensor, label: torch.Tensor, name: str) -> float:
-    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
-
-    pred, label = _scores_and_labels(pred, label)
-    onehot = _onehot(pred.argmax(dim=1), pred.shape[1])
-    counts = get_confusion_matrix(onehot, _onehot(label, pred.shape[1]), include_background=False).sum(dim=0)
-    return _item(compute_confusion_matrix_metric(name, counts).nanmean())
-
-
-def sensitivity(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """Sensitivity of the PD class (MONAI ``ConfusionMatrixMetric``, background excluded) of a whole validation."""
-    return _confusion(pred, label, "sensitivity")
-
-
-def specificity(pred: torch.Tensor, label: torch.Tensor) -> float:
-    """Specificity of the PD class (MONAI ``ConfusionMatrixMetric``, background excluded) of a whole validation."""
-    return _confusion(pred, label, "specificity")
+    def raise_on_refusal(self) -> None:
+        """End the run when the adaptation was refused: on MONAI's command line a one-line ``error:`` and exit
+        status :data:`scripts.site_adaptation.EXIT_REFUSED`; elsewhere a :class:`SiteAdaptationRefusedError`."""
+        if self.refusal is None:
+            return
+        message = f"site adaptation refused: {self.refusal} (unadapted predictions kept in {self.saver.csv_path})"
+        if _running_cli():
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(EXIT_REFUSED)
+        raise SiteAdaptationRefusedError(message)

@@ -1,14 +1,18 @@
 # Copyright (c) the pd_datscan_kd_classification authors.
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Binary PD-vs-HC classification metrics from per-scan scores, for the paths that have no engine.
+"""Binary PD-vs-HC classification metrics: one family of functions for every path.
 
-One family of functions, used by every such path: :func:`classification_report` (the study's cells, the SBR
+From per-scan scores (paths without an engine): :func:`classification_report` (the study's cells, the SBR
 baseline), :func:`metric_rows` (one metric of many score rows at once: the study's bootstrap intervals, operating
 points), :func:`roc_auc_rows` and :func:`roc_curve` (the study's figures, the information budget) and
 :func:`logistic_cv_scores` (out-of-fold scores of a logistic regression: the information budget, the SBR
-calibration's nuisance check). Engines (training validation,
-``configs/evaluate.json``) use MONAI's and ignite's metric handlers instead (``Fbeta``, ``Accuracy``, ``ROCAUC``,
-``ConfusionMatrix``); the tests check that both give the same numbers, and that :func:`roc_auc_rows` (the
+calibration's nuisance check).
+
+From a whole validation's tensors (engines, as ignite ``EpochMetric``'s ``compute_fn`` in the configs'
+``validate#metrics``): :func:`f1_macro`, :func:`accuracy`, :func:`roc_auc`, :func:`roc_auc_then_ce`,
+:func:`sensitivity`, :func:`specificity`, the selectable ones named by :data:`SELECTION_METRICS`.
+``configs/evaluate.json`` uses MONAI's and ignite's metric handlers (``Fbeta``, ``Accuracy``, ``ROCAUC``,
+``ConfusionMatrix``). The tests check that all of them give the same numbers, and that :func:`roc_auc_rows` (the
 Mann-Whitney statistic from ``scipy.stats.rankdata``, vectorised over rows) equals MONAI's ``compute_roc_auc``.
 
 Label convention everywhere: ``0 = HC`` (healthy control), ``1 = PD`` (Parkinson's disease, the positive
@@ -18,6 +22,7 @@ class). Sensitivity is PD recall, specificity is HC recall. A scan is predicted 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +36,27 @@ __all__ = [
     "logistic_cv_scores",
     "METRIC_NAMES",
     "ROW_METRICS",
+    "SELECTION_METRICS",
+    "f1_macro",
+    "accuracy",
+    "roc_auc",
+    "roc_auc_then_ce",
+    "sensitivity",
+    "specificity",
 ]
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "f1_macro", "f1_weighted", "roc_auc")
 ROW_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1_macro")
 """The metrics :func:`metric_rows` computes."""
+
+SELECTION_METRICS = ("f1_macro", "auc", "auc_ce", "accuracy")
+"""Validation metrics a training run may select its best checkpoint (and stop early) by: the ``selection_metric``
+option; ``validate#metrics`` in ``configs/train_teacher.json`` holds them. ``f1_macro`` and ``accuracy`` score the
+arg-max class, so a network that still calls every validation scan PD scores the same epoch after epoch and the
+first such epoch is kept; ``auc`` (ROC AUC) is threshold-free and moves with the ranking, which is what the
+operating point chosen on validation uses. On a small validation split ROC AUC saturates too (every epoch after
+the first perfect ranking scores 1.000, and the first is kept); ``auc_ce`` (:func:`roc_auc_then_ce`) breaks such
+ties by the validation cross-entropy (the study's low-data cells select by it)."""
 
 
 def _confusion(labels: np.ndarray, scores: np.ndarray, threshold) -> tuple[np.ndarray, ...]:
@@ -194,3 +215,99 @@ def logistic_cv_scores(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int =
         w = _fit_logistic((x[tr] - mu) / sd, y[tr], l2=l2)
         scores[te] = w[0] + ((x[te] - mu) / sd) @ w[1:]
     return scores
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# engine validation metrics: a whole validation at once, on device tensors (ignite ``EpochMetric``'s ``compute_fn``)
+# --------------------------------------------------------------------------------------------------------------------
+def _scores_and_labels(pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities ``(N, C)`` as float32 and integer labels ``(N,)`` of a whole validation."""
+    pred = pred.float()
+    if pred.ndim == 1:  # ignite's EpochMetric squeezes a single-column prediction
+        pred = pred[:, None]
+    return pred, label.reshape(-1).long()
+
+
+def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(label, num_classes).float()
+
+
+def _item(value: Any) -> float:
+    """A metric's value as MONAI's metric handlers report it (first of a list, a squeezed tensor as a number)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    if isinstance(value, torch.Tensor):
+        value = value.squeeze()
+        return float(value.item()) if value.ndim == 0 else value
+    return float(value)
+
+
+def f1_macro(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Macro F1 of every prediction of a validation at once: the mean over classes of the per-class F1, as ignite's
+    ``Fbeta(beta=1, average=True)`` computes it (same epsilons).
+
+    Written with tensor operations rather than by calling ignite's metric: ``EpochMetric`` calls this on rank 0 only
+    after gathering every rank's predictions, and ignite's own metrics would then wait for an all-reduce that the
+    other ranks never join (a multi-GPU run hung at its first validation)."""
+    pred, label = _scores_and_labels(pred, label)
+    classes = torch.arange(pred.shape[1], device=pred.device)
+    predicted = pred.argmax(dim=1)[:, None] == classes
+    actual = label[:, None] == classes
+    tp = (predicted & actual).sum(dim=0).double()
+    precision = tp / (predicted.sum(dim=0).double() + 1e-20)
+    recall = tp / (actual.sum(dim=0).double() + 1e-20)
+    return float((2 * precision * recall / (precision + recall + 1e-15)).mean().item())
+
+
+def accuracy(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Accuracy of the arg-max class over a whole validation (tensor operations; see :func:`f1_macro` for why not
+    ignite's ``Accuracy``)."""
+    pred, label = _scores_and_labels(pred, label)
+    return float((pred.argmax(dim=1) == label).double().mean().item())
+
+
+def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """ROC AUC (MONAI ``compute_roc_auc``, macro over the one-hot classes) of a whole validation.
+
+    MONAI's functional forms, not its ``Cumulative`` metric classes: those gather every rank's buffer when they
+    aggregate, and ``EpochMetric`` calls this on rank 0 only (see :func:`f1_macro`)."""
+    from monai.metrics import compute_roc_auc
+
+    pred, label = _scores_and_labels(pred, label)
+    return _item(compute_roc_auc(pred, _onehot(label, pred.shape[1]), average="macro"))
+
+
+def roc_auc_then_ce(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """ROC AUC with ties broken by the lower cross-entropy: ``auc - step / 4 * ce / (1 + ce)`` (not below 0).
+
+    With ``step = 1 / (n_PD * n_HC)``, two ROC AUCs of this split differ by at least ``step / 2`` (a tied PD/HC
+    pair counts half), and the penalty stays below ``step / 4``, so the order of two different AUCs never changes;
+    among epochs of equal AUC (a saturated 1.000 on a small split) the better-calibrated one scores higher. The
+    value is at most the AUC and within ``step / 4`` of it. ``pred`` holds class probabilities (the validation
+    postprocessing's softmax)."""
+    probs, labels = _scores_and_labels(pred, label)
+    auc = roc_auc(pred, label)
+    n_pd = int((labels == 1).sum())
+    step = 1.0 / max(1, n_pd * (labels.numel() - n_pd))
+    picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
+    ce = float(-picked.log().mean())
+    return max(0.0, auc - 0.25 * step * ce / (1.0 + ce))
+
+
+def _confusion_metric(pred: torch.Tensor, label: torch.Tensor, name: str) -> float:
+    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
+
+    pred, label = _scores_and_labels(pred, label)
+    onehot = _onehot(pred.argmax(dim=1), pred.shape[1])
+    counts = get_confusion_matrix(onehot, _onehot(label, pred.shape[1]), include_background=False).sum(dim=0)
+    return _item(compute_confusion_matrix_metric(name, counts).nanmean())
+
+
+def sensitivity(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Sensitivity of the PD class (MONAI ``ConfusionMatrixMetric``, background excluded) of a whole validation."""
+    return _confusion_metric(pred, label, "sensitivity")
+
+
+def specificity(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Specificity of the PD class (MONAI ``ConfusionMatrixMetric``, background excluded) of a whole validation."""
+    return _confusion_metric(pred, label, "specificity")

@@ -176,7 +176,7 @@ OPTIONS: dict[str, Option] = {
     # training recipe
     "max_epochs": Option("int", minimum=1),
     "patience": Option("int", minimum=1),
-    "selection_metric": Option("choice", choices=_choices("scripts.handlers", "SELECTION_METRICS")),
+    "selection_metric": Option("choice", choices=_choices("scripts.metrics", "SELECTION_METRICS")),
     "val_interval": Option("int", minimum=1),
     "log_interval": Option("int", minimum=1),
     "batch_size": Option("int", minimum=1),

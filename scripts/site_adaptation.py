@@ -41,14 +41,11 @@ the run with exit status :data:`EXIT_REFUSED` after the unadapted predictions ar
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +68,6 @@ __all__ = [
     "fit_mixture",
     "adapt_scores",
     "adapt_batchnorm",
-    "SiteAdapter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -482,158 +478,3 @@ def adapt_batchnorm(network: nn.Module, batches: Iterable[torch.Tensor], min_sca
             f"{min_scans} are needed."
         )
     return seen
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inference
-# ----------------------------------------------------------------------------------------------------------------
-class SiteAdapter:
-    """The ``--site_adaptation`` option of ``configs/inference.json``.
-
-    Attached to the evaluator (after its ``CheckpointLoader``), it re-estimates the batch-norm statistics on the
-    site's scans when ``adabn`` is asked for, before any scan is scored. :meth:`finish` (a ``run`` step after the
-    evaluator) applies the score method to the scores :class:`scripts.handlers.PredictionSaver` collected, writes
-    ``site_adaptation.json`` (method, estimated PD share, threshold, fit details) next to ``predictions.csv``, and
-    adds the adapted decision to ``predictions.csv`` (``adapted_class``, ``adapted_label``). A refusal is recorded
-    there too; :meth:`raise_on_refusal` (the last ``run`` step) then ends the command line with a one-line error
-    and exit status :data:`EXIT_REFUSED`.
-
-    Args:
-        methods: the ``--site_adaptation`` value (see :func:`parse_methods`).
-        prediction_saver: the run's :class:`scripts.handlers.PredictionSaver`.
-        model_file: the checkpoint (its recorded validation scores calibrate ``em`` and ``bbse``).
-        min_scans: minimum number of the site's scans.
-    """
-
-    def __init__(self, methods: str, prediction_saver: Any, model_file: str = "", min_scans: int = MIN_SCANS):
-        self.spec = str(methods)
-        self.adabn, self.method = parse_methods(methods)
-        self.saver = prediction_saver
-        self.model_file = str(model_file)
-        try:
-            self.min_scans = int(min_scans)
-        except (TypeError, ValueError):
-            raise InputError(f"--site_adaptation_min_scans must be an integer, got {min_scans!r}.") from None
-        self.refusal: str | None = None
-        self.result: dict[str, Any] | None = None
-        self.adabn_scans = 0
-        self._scores: dict[str, float] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.adabn or self.method != "none"
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        if self.adabn:
-            engine.add_event_handler(Events.STARTED, self._adabn)
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._scores.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-
-    def _collect(self, engine: Any) -> None:
-        """Keep every scored scan's P(PD) at full precision (``predictions.csv`` rounds it to 6 decimals, which
-        would flatten every confident HC scan to 0 and hide the spread of their logits)."""
-        from scripts.handlers import _filenames
-
-        output = engine.state.output
-        if not output or not self.enabled:
-            return
-        preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
-        probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
-        probs = probs.detach().float().reshape(probs.shape[0], -1)[:, 1].cpu().double().tolist()
-        names = _filenames(engine.state.batch)
-        if len(names) != len(probs):
-            return
-        self._scores.update(zip(names, probs))
-
-    def _inputs(self, engine: Any) -> Iterable[torch.Tensor]:
-        from scripts.transforms import FAILED_KEY
-
-        for batch in engine.data_loader:
-            if isinstance(batch, dict):
-                batch.pop(FAILED_KEY, None)
-                if "image" not in batch:
-                    continue
-            inputs, _ = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
-            yield inputs
-
-    def _adabn(self, engine: Any) -> None:
-        try:
-            self.adabn_scans = adapt_batchnorm(engine.network, self._inputs(engine), self.min_scans)
-            engine.logger.info(f"adabn: batch-norm statistics re-estimated on {self.adabn_scans} site scans")
-        except SiteAdaptationRefusedError as e:
-            self.refusal = str(e)
-            engine.logger.warning(f"site adaptation refused: {e}; scans scored with the in-domain statistics")
-
-    def _adabn_summary(self) -> dict[str, Any] | None:
-        """What AdaBN did (applied, scans used), or None when the method does not use it."""
-        if not self.adabn:
-            return None
-        return {"applied": self.adabn and self.refusal is None, "scans": self.adabn_scans}
-
-    def _source(self) -> SourceScores | None:
-        if not self.model_file or not Path(self.model_file).is_file():
-            return None
-        return SourceScores.from_checkpoint(self.model_file)
-
-    def finish(self) -> dict[str, Any] | None:
-        """Apply the score method, write ``site_adaptation.json`` and the adapted columns; never raises for a
-        refusal (see :meth:`raise_on_refusal`)."""
-        from scripts.handlers import atomic_write_json
-
-        if not self.enabled:
-            return None
-        rows = [r for r in self.saver.rows if not r.get("error")]
-        scores = [self._scores.get(r["image"], float(r["pd_probability"])) for r in rows]
-        source = self._source()
-        in_domain = source.threshold if source is not None else float(self.saver.threshold)
-        out: dict[str, Any] = {
-            "site_adaptation": self.spec,
-            "adabn": self._adabn_summary(),
-            "in_domain_threshold": in_domain,
-            "model_file": self.model_file,
-            "min_scans": self.min_scans,
-        }
-        result = None
-        if self.refusal is None:
-            try:
-                result = adapt_scores(self.method, scores, source, in_domain, self.min_scans)
-            except SiteAdaptationRefusedError as e:
-                self.refusal = str(e)
-        out["refused"] = self.refusal
-        if result is not None:
-            out.update(result)
-            out["called_pd_in_domain"] = float(np.mean(np.asarray(scores) >= in_domain)) if scores else 0.0
-        self.result = out
-        atomic_write_json(self.saver.output_dir / "site_adaptation.json", out)
-        self._write_columns(None if result is None else result["threshold"])
-        return out
-
-    def _write_columns(self, threshold: float | None) -> None:
-        path = self.saver.csv_path
-        fields = list(self.saver.FIELDS) + ["adapted_class", "adapted_label"]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for row in self.saver.rows:
-                adapted = {"adapted_class": "", "adapted_label": ""}
-                if threshold is not None and not row.get("error"):
-                    c = int(self._scores.get(row["image"], float(row["pd_probability"])) >= threshold)
-                    adapted = {"adapted_class": c, "adapted_label": "PD" if c else "HC"}
-                writer.writerow({**row, **adapted})
-        os.replace(tmp, path)
-
-    def raise_on_refusal(self) -> None:
-        """End the run when the adaptation was refused: on MONAI's command line a one-line ``error:`` and exit
-        status :data:`EXIT_REFUSED`; elsewhere a :class:`SiteAdaptationRefusedError`."""
-        if self.refusal is None:
-            return
-        message = f"site adaptation refused: {self.refusal} (unadapted predictions kept in {self.saver.csv_path})"
-        from scripts.errors import _running_cli
-
-        if _running_cli():
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(EXIT_REFUSED)
-        raise SiteAdaptationRefusedError(message)

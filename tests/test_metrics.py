@@ -110,7 +110,7 @@ def _probs(pd_scores: list[float]) -> torch.Tensor:
 
 
 def test_auc_ce_breaks_ties_by_cross_entropy_and_keeps_the_order_of_different_aucs():
-    from scripts.handlers import roc_auc, roc_auc_then_ce
+    from scripts.metrics import roc_auc, roc_auc_then_ce
 
     labels = torch.tensor([1, 1, 1, 0, 0])
     timid, confident = _probs([0.6, 0.55, 0.7, 0.4, 0.45]), _probs([0.99, 0.95, 0.97, 0.02, 0.05])

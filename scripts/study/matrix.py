@@ -111,7 +111,7 @@ LOW_DATA_SELECTION_METRIC = "auc_ce"
 """Validation metric that picks a low-data model's best checkpoint: ROC AUC, as with a few dozen training scans
 macro-F1 at the arg-max stays at its always-PD value for many epochs, with ties broken by the validation
 cross-entropy, as on 24 validation subjects ROC AUC reaches 1.000 within a few epochs and stays there (see
-``scripts.handlers.SELECTION_METRICS``)."""
+``scripts.metrics.SELECTION_METRICS``)."""
 
 LOW_DATA_MAX_EPOCH_FACTOR = 20
 """Most a low-data training's epochs (and patience) are multiplied by (:meth:`Cell.schedule`)."""
