@@ -22,7 +22,7 @@ $(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
 setup-ray: $(VENV)/.ray-installed
 
 # A small study (3D teacher, 2D student with and without KD over two seeds, SBR and always-PD baselines, the external
-# sets) in eval/study-demo, two cells side by side; five to six minutes on 2 CPU cores, setup included (README).
+# sets) in eval/study-demo, two cells side by side; five to seven minutes on 2 CPU cores, setup included (README).
 # Running it again resumes or reprints the table. Then the KD student and its teacher are published to models/
 # (model.pt, teacher.pt) for the inference configs.
 demo: setup
