@@ -278,6 +278,8 @@ class PredictionSaver:
         self.model_file = str(model_file)
         self.threshold = threshold
         self.rows: list[dict] = []
+        self.scores: dict[str, float] = {}
+        """P(PD) of every scored scan at full precision (the CSV rounds to 6 decimals), by its ``image`` name."""
         self.csv_path = self.output_dir / "predictions.csv"
 
     def attach(self, engine: Engine) -> None:
@@ -291,6 +293,7 @@ class PredictionSaver:
 
     def _start(self, engine: Engine) -> None:
         self.rows.clear()
+        self.scores.clear()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with self.csv_path.open("w", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.FIELDS).writeheader()
@@ -305,6 +308,7 @@ class PredictionSaver:
             names = _filenames(engine.state.batch) or [f"scan_{len(self.rows) + i}" for i in range(len(probs))]
             warnings = _batch_values(engine.state.batch, WARNINGS_KEY, len(probs))
             for name, p, warning in zip(names, probs[:, 1].tolist(), warnings):
+                self.scores[name] = p
                 predicted = int(p >= self.threshold)
                 new.append(
                     {
@@ -412,7 +416,7 @@ class SiteAdapter:
 
     Attached to the evaluator (after its ``CheckpointLoader``), it re-estimates the batch-norm statistics on the
     site's scans when ``adabn`` is asked for, before any scan is scored. :meth:`finish` (a ``run`` step after the
-    evaluator) applies the score method to the scores :class:`PredictionSaver` collected, writes
+    evaluator) applies the score method to the scores :class:`PredictionSaver` collected (at full precision), writes
     ``site_adaptation.json`` (method, estimated PD share, threshold, fit details) next to ``predictions.csv``, and
     adds the adapted decision to ``predictions.csv`` (``adapted_class``, ``adapted_label``). A refusal is recorded
     there too; :meth:`raise_on_refusal` (the last ``run`` step) then ends the command line with a one-line error
@@ -437,7 +441,6 @@ class SiteAdapter:
         self.refusal: str | None = None
         self.result: dict[str, Any] | None = None
         self.adabn_scans = 0
-        self._scores: dict[str, float] = {}
 
     @property
     def enabled(self) -> bool:
@@ -446,22 +449,6 @@ class SiteAdapter:
     def attach(self, engine: Any) -> None:
         if self.adabn:
             engine.add_event_handler(Events.STARTED, self._adabn)
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._scores.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-
-    def _collect(self, engine: Any) -> None:
-        """Keep every scored scan's P(PD) at full precision (``predictions.csv`` rounds it to 6 decimals, which
-        would flatten every confident HC scan to 0 and hide the spread of their logits)."""
-        output = engine.state.output
-        if not output or not self.enabled:
-            return
-        preds = output["pred"] if isinstance(output, dict) else [o["pred"] for o in output]
-        probs = torch.stack([torch.as_tensor(p) for p in preds]) if isinstance(preds, list) else preds
-        probs = probs.detach().float().reshape(probs.shape[0], -1)[:, 1].cpu().double().tolist()
-        names = _filenames(engine.state.batch)
-        if len(names) != len(probs):
-            return
-        self._scores.update(zip(names, probs))
 
     def _inputs(self, engine: Any) -> Iterable[torch.Tensor]:
         for batch in engine.data_loader:
@@ -497,7 +484,7 @@ class SiteAdapter:
         if not self.enabled:
             return None
         rows = [r for r in self.saver.rows if not r.get("error")]
-        scores = [self._scores.get(r["image"], float(r["pd_probability"])) for r in rows]
+        scores = [self.saver.scores[r["image"]] for r in rows]
         source = self._source()
         in_domain = source.threshold if source is not None else float(self.saver.threshold)
         out: dict[str, Any] = {
@@ -532,7 +519,7 @@ class SiteAdapter:
             for row in self.saver.rows:
                 adapted = {"adapted_class": "", "adapted_label": ""}
                 if threshold is not None and not row.get("error"):
-                    c = int(self._scores.get(row["image"], float(row["pd_probability"])) >= threshold)
+                    c = int(self.saver.scores[row["image"]] >= threshold)
                     adapted = {"adapted_class": c, "adapted_label": "PD" if c else "HC"}
                 writer.writerow({**row, **adapted})
         os.replace(tmp, path)

@@ -597,6 +597,27 @@ def test_failed_scans_are_kept_out_of_the_batch_and_given_error_rows(tmp_path):
         saver.raise_on_failures()
 
 
+def test_prediction_saver_keeps_full_precision_scores_for_site_adaptation(tmp_path):
+    """The CSV rounds P(PD) to 6 decimals, which flattens every confident HC scan to 0; the site adaptation fits
+    the scores' logits, so the saver keeps each scan's score unrounded (``scores``), and a new run starts afresh."""
+    saver = PredictionSaver(tmp_path, projection="joint_fusion_slices")
+    engine = SimpleNamespace(logger=logging.getLogger("test"), state=SimpleNamespace(output=[], batch={}))
+    saver._start(engine)
+    engine.state.output = [{"pred": torch.tensor([1.0 - 2e-9, 2e-9])}, {"pred": torch.tensor([0.25, 0.75])}]
+    from monai.data import MetaTensor
+
+    engine.state.batch = [
+        {"image": MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": f"/x/{name}.nii.gz"})}
+        for name in ("hc", "pd")
+    ]
+    saver._collect(engine)
+    assert [r["pd_probability"] for r in saver.rows] == [0.0, 0.75]
+    assert set(saver.scores) == {"/x/hc.nii.gz", "/x/pd.nii.gz"}
+    assert saver.scores["/x/hc.nii.gz"] == pytest.approx(2e-9, rel=1e-6) and saver.scores["/x/pd.nii.gz"] == 0.75
+    saver._start(engine)
+    assert saver.scores == {} and saver.rows == []
+
+
 def test_split_digest_ignores_order():
     a = [{"image": "/d/a.nii", "label": 0}, {"image": "/d/b.nii", "label": 1}]
     assert split_digest(a) == split_digest(a[::-1]) != split_digest([{**a[0], "label": 1}, a[1]])
