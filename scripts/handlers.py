@@ -471,7 +471,7 @@ class SiteAdapter:
         """What AdaBN did (applied, scans used), or None when the method does not use it."""
         if not self.adabn:
             return None
-        return {"applied": self.adabn and self.refusal is None, "scans": self.adabn_scans}
+        return {"applied": self.refusal is None, "scans": self.adabn_scans}
 
     def _source(self) -> SourceScores | None:
         if not self.model_file or not Path(self.model_file).is_file():
