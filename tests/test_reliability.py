@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, MNI_AFFINE, write_nifti
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from scripts.checkpoints import (
     METADATA_KEY,
     DescribedModel,
@@ -604,8 +605,6 @@ def test_prediction_saver_keeps_full_precision_scores_for_site_adaptation(tmp_pa
     engine = SimpleNamespace(logger=logging.getLogger("test"), state=SimpleNamespace(output=[], batch={}))
     saver._start(engine)
     engine.state.output = [{"pred": torch.tensor([1.0 - 2e-9, 2e-9])}, {"pred": torch.tensor([0.25, 0.75])}]
-    from monai.data import MetaTensor
-
     engine.state.batch = [
         {"image": MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": f"/x/{name}.nii.gz"})}
         for name in ("hc", "pd")
