@@ -50,32 +50,51 @@ class TeacherOutputCache:
     """Teacher logits and embeddings of each scan, computed once.
 
     The teacher is frozen and, without augmentation of its input, deterministic, so its outputs for a scan
-    never change: the first epoch computes them and later epochs read them from this cache. The entries stay on
-    the device the teacher ran on (the training device), in float32, so a hit costs no host-device copy. Entries
-    are keyed by the scan's file name.
+    never change: the first epoch computes them and later epochs read them from this cache. The entries are rows of
+    two stacked tensors on the device the teacher ran on (the training device), in float32, keyed by the scan's file
+    name: a hit is one ``index_select`` per tensor (the row index goes through page-locked memory on CUDA, so it
+    does not make the host wait) and no host-device copy of the outputs. The batches written during the first epoch
+    are joined into the stack once, at the first read that needs them.
     """
 
     def __init__(self) -> None:
-        self._logits: dict[str, torch.Tensor] = {}
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
+        self._logits: torch.Tensor | None = None
+        self._embeddings: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._size = 0  # rows written, pending ones included
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._logits)
+        return len(self._rows)
 
     def get(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Stacked ``(logits, embeddings)`` when every key is cached, else ``None``."""
-        if not keys or any(k not in self._logits for k in keys):
+        """``(logits, embeddings)`` of ``keys``, stacked in their order, when every key is cached, else ``None``."""
+        try:
+            rows = [self._rows[k] for k in keys]
+        except KeyError:
             return None
-        self.hits += len(keys)
-        return torch.stack([self._logits[k] for k in keys]), torch.stack([self._embeddings[k] for k in keys])
+        if not rows:
+            return None
+        if self._pending:
+            done = [] if self._logits is None else [(self._logits, self._embeddings)]
+            logits, embeddings = zip(*(done + self._pending))
+            self._logits, self._embeddings, self._pending = torch.cat(logits), torch.cat(embeddings), []
+        index = torch.as_tensor(rows, dtype=torch.long)
+        if self._logits.device.type == "cuda":
+            index = index.pin_memory().to(self._logits.device, non_blocking=True)
+        self.hits += len(rows)
+        return self._logits.index_select(0, index), self._embeddings.index_select(0, index)
 
     def put(self, keys: Sequence[str], logits: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Add the outputs of a batch (row ``i`` of each tensor belongs to ``keys[i]``); a key seen before points to
+        its new row."""
         self.misses += len(keys)
-        for k, lg, em in zip(keys, logits.detach(), embeddings.detach()):
-            self._logits[k] = lg
-            self._embeddings[k] = em
+        for i, key in enumerate(keys):
+            self._rows[key] = self._size + i
+        self._size += len(keys)
+        self._pending.append((logits.detach(), embeddings.detach()))
 
 
 def _scan_keys(batchdata: dict, key: str) -> list[str] | None:
@@ -97,9 +116,9 @@ def loss_terms(output) -> dict[str, float]:
     """``output_transform`` for Stats/TensorBoard/MLflow handlers: the training loss as ``train_loss`` and, for a
     distillation run, each of its terms as ``loss_<term>`` (``loss_ce``, ``loss_fg``...).
 
-    On the iterations where a :class:`LossLog` read its device-side sums (see :func:`loss_logged`), these are the
-    means since its previous reading, with no further host-device synchronisation; otherwise the values of the
-    last iteration (each ``float()`` then waits for the device).
+    On the iterations where a :class:`LossLog` read the values it kept on the device (see :func:`loss_logged`),
+    these are the means since its previous reading, with no further host-device synchronisation; otherwise the
+    values of the last iteration (each ``float()`` then waits for the device).
     """
     first = output[0] if isinstance(output, list) else output
     if LOSS_LOG in first:
@@ -123,13 +142,13 @@ def loss_logged(engine, event: int | None = None) -> bool:
 
 
 class LossLog:
-    """The training loss and its terms summed on the device, read by the host every ``interval`` iterations.
+    """The training loss and its terms kept on the device, read by the host every ``interval`` iterations.
 
     A ``float()`` or ``.item()`` of a CUDA tensor waits until the device has finished every queued kernel, so a
     trainer that logs its loss each iteration cannot queue the next iteration while the current one runs. This
-    handler, at ``MODEL_COMPLETED``, adds the detached ``loss`` and every ``loss_<term>`` of the engine output to
-    a running sum that stays on the device; every ``interval`` iterations and at the last iteration of each epoch it
-    reads the sums once (one ``tolist()``), and puts their means since the previous reading in the output as
+    handler, at ``MODEL_COMPLETED``, keeps the detached ``loss`` and every ``loss_<term>`` of the engine output (no
+    device work per iteration); every ``interval`` iterations and at the last iteration of each epoch it stacks them
+    and reads their means once (one ``tolist()``), and puts the means since the previous reading in the output as
     ``output["loss_log"] = {"train_loss": ..., "loss_<term>": ...}`` and in ``engine.state.loss_log``.
     :func:`loss_terms` returns them, and :func:`loss_logged` (an event filter) limits logging handlers to those
     iterations. With ``interval=1`` the values are those of each iteration.
@@ -143,41 +162,41 @@ class LossLog:
             raise ValueError(f"log interval must be >= 1, got {interval}.")
         self.interval = int(interval)
         self._names: list[str] = []
-        self._sum: torch.Tensor | None = None
-        self._count = 0
+        self._kept: list = []  # the detached values of each iteration since the last reading, in ``_names`` order
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
 
     def reset(self, engine=None) -> None:
-        self._sum, self._count, self._names = None, 0, []
+        self._kept, self._names = [], []
 
     def __call__(self, engine) -> None:
         output = engine.state.output
         first = output[0] if isinstance(output, list) else output
         if not isinstance(first, dict) or Keys.LOSS not in first:
             return
-        terms = {"train_loss": first[Keys.LOSS]}
-        terms.update({k: v for k, v in first.items() if k.startswith("loss_") and k != LOSS_LOG})
-        names = list(terms)
-        device = torch.as_tensor(first[Keys.LOSS]).device  # a term given as a number joins the loss's device
-        values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in terms.values()])
-        if self._sum is None or names != self._names:
-            self._sum, self._names, self._count = values, names, 1
-        else:
-            self._sum = self._sum + values
-            self._count += 1
+        names = ["train_loss"] + [k for k in first if k.startswith("loss_") and k != LOSS_LOG]
+        if names != self._names:  # another set of terms: start again
+            self._kept, self._names = [], names
+        loss = first[Keys.LOSS]
+        values = [loss, *(first[k] for k in names[1:])]
+        self._kept.extend(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
         iteration, epoch_length = engine.state.iteration, engine.state.epoch_length
         if iteration % self.interval and not (epoch_length and iteration % epoch_length == 0):
             return
-        means = (self._sum / self._count).tolist()  # the one host-device synchronisation
-        logged = dict(zip(self._names, means))
+        device = torch.as_tensor(loss).device
+        if all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.device == device for v in self._kept):
+            kept = torch.stack(self._kept).float()  # one op on the device
+        else:  # a term given as a number (or another shape) joins the loss's device
+            kept = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in self._kept])
+        means = kept.view(-1, len(names)).mean(0).tolist()  # the one host-device synchronisation
+        logged = dict(zip(names, means))
         engine.state.loss_log = logged
         for item in output if isinstance(output, list) else [output]:
             if isinstance(item, dict):
                 item[LOSS_LOG] = logged
-        self._sum, self._count = None, 0
+        self._kept = []
 
 
 class LeanTrainer(SupervisedTrainer):
@@ -223,7 +242,7 @@ class DistillationTrainer(LeanTrainer):
       ``DistributedDataParallel``). Under mixed precision the loss is computed in float32.
 
     The loss returns a dict with ``"loss"`` and its terms; every term is put in the engine output as
-    ``loss_<term>`` at ``LOSS_COMPLETED`` (detached device tensors, summed by the :class:`LossLog`; see
+    ``loss_<term>`` at ``LOSS_COMPLETED`` (detached device tensors, kept by the :class:`LossLog`; see
     :func:`loss_terms`).
 
     Args:

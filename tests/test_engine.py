@@ -9,7 +9,7 @@ from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.transforms import Activationsd
-from scripts.engine import DistillationTrainer, load_teacher, loss_terms
+from scripts.engine import DistillationTrainer, TeacherOutputCache, load_teacher, loss_terms
 from scripts.errors import InputError, MissingFileError
 from scripts.losses import DistillationLoss
 from scripts.networks import Student2D, Teacher3D
@@ -100,6 +100,20 @@ def test_teacher_cache_computes_each_scan_once_and_changes_nothing(teacher_file)
     uncached.run()
     for a, b in zip(cached.network.parameters(), uncached.network.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_teacher_cache_returns_the_rows_of_the_keys_in_their_order():
+    cache = TeacherOutputCache()
+    logits, embeddings = torch.arange(10.0).view(5, 2), torch.arange(15.0).view(5, 3)
+    cache.put(["a", "b"], logits[:2], embeddings[:2])
+    assert cache.get(["a", "c"]) is None and cache.get([]) is None  # a key never seen: a miss
+    cache.put(["c", "d", "e"], logits[2:], embeddings[2:])
+    got_logits, got_embeddings = cache.get(["e", "a", "c", "a"])
+    assert torch.equal(got_logits, logits[[4, 0, 2, 0]]) and torch.equal(got_embeddings, embeddings[[4, 0, 2, 0]])
+    cache.put(["a"], -logits[:1], -embeddings[:1])  # written again: the new outputs
+    got_logits, _ = cache.get(["b", "a"])
+    assert torch.equal(got_logits, torch.stack([logits[1], -logits[0]]))
+    assert len(cache) == 5 and cache.hits == 6 and cache.misses == 6
 
 
 def test_kd_gradient_reaches_the_classifying_weights(teacher_file):

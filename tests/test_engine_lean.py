@@ -187,6 +187,29 @@ def test_loss_log_averages_between_readings_and_reads_every_epoch_end():
         LossLog(0)
 
 
+def test_loss_log_takes_terms_given_as_numbers_and_starts_again_when_the_terms_change():
+    class State:
+        iteration, epoch_length, output = 0, 100, None
+
+    class FakeEngine:
+        state = State()
+
+    log, engine = LossLog(interval=2), FakeEngine()
+    outputs = [
+        {"loss": torch.tensor(1.0), "loss_ce": 0.5},  # a term as a number
+        {"loss": torch.tensor([3.0]), "loss_ce": torch.tensor(1.5, dtype=torch.float64)},  # shape (1,), float64
+        {"loss": torch.tensor(5.0), "loss_fg": torch.tensor(2.0)},  # another term: the old ones are dropped
+        {"loss": torch.tensor(7.0), "loss_fg": torch.tensor(4.0)},
+    ]
+    logged = []
+    for output in outputs:
+        engine.state.iteration += 1
+        engine.state.output = output
+        log(engine)
+        logged.append(loss_terms(output) if loss_logged(engine) else None)
+    assert logged == [None, {"train_loss": 2.0, "loss_ce": 1.0}, None, {"train_loss": 6.0, "loss_fg": 3.0}]
+
+
 def _host_by_design(frame) -> bool:
     """PyTorch's optimizers read their step counter with ``item()``; it lives on the host (``capturable=False``),
     so that read never waits for the device."""
