@@ -15,6 +15,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import PostFix
 from scripts.checkpoints import load_weights, unwrap
+from scripts.fast_data import device_index
 from scripts.options import parse_bool
 from torch import nn
 
@@ -52,9 +53,9 @@ class TeacherOutputCache:
     The teacher is frozen and, without augmentation of its input, deterministic, so its outputs for a scan
     never change: the first epoch computes them and later epochs read them from this cache. The entries are rows of
     two stacked tensors on the device the teacher ran on (the training device), in float32, keyed by the scan's file
-    name: a hit is one ``index_select`` per tensor (the row index goes through page-locked memory on CUDA, so it
-    does not make the host wait) and no host-device copy of the outputs. The batches written during the first epoch
-    are joined into the stack once, at the first read that needs them.
+    name: a hit is one ``index_select`` per tensor (its row index from :func:`scripts.fast_data.device_index`,
+    which does not make the host wait) and no host-device copy of the outputs. The batches written during the first
+    epoch are joined into the stack once, at the first read that needs them.
     """
 
     def __init__(self) -> None:
@@ -81,9 +82,7 @@ class TeacherOutputCache:
             done = [] if self._logits is None else [(self._logits, self._embeddings)]
             logits, embeddings = zip(*(done + self._pending))
             self._logits, self._embeddings, self._pending = torch.cat(logits), torch.cat(embeddings), []
-        index = torch.as_tensor(rows, dtype=torch.long)
-        if self._logits.device.type == "cuda":
-            index = index.pin_memory().to(self._logits.device, non_blocking=True)
+        index = device_index(rows, self._logits.device)
         self.hits += len(rows)
         return self._logits.index_select(0, index), self._embeddings.index_select(0, index)
 

@@ -52,6 +52,7 @@ __all__ = [
     "CacheBatchLoader",
     "PlainTensorBatch",
     "stacking_problem",
+    "device_index",
 ]
 
 FILENAME = "filename_or_obj"
@@ -146,6 +147,15 @@ def stacking_problem(dataset: Any) -> str | None:
     elif transform is not None:
         return "the transform is not a monai.transforms.Compose"
     return None
+
+
+def device_index(indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``indices`` as a long tensor on ``device``; to a CUDA device through page-locked memory and a non-blocking
+    copy, so that building a batch's index never makes the host wait for the device."""
+    index = torch.as_tensor(indices, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+    return index
 
 
 class DeferredBatch(dict):
@@ -289,9 +299,7 @@ class StackedCache(torch.utils.data.Dataset):
 
         On a CUDA stack the index goes through page-locked memory, so its copy does not make the host wait; on a
         pinned host stack the batch is gathered into page-locked memory."""
-        index = torch.as_tensor(indices, dtype=torch.long)
-        if self.device.type == "cuda":
-            index = index.pin_memory().to(self.device, non_blocking=True)
+        index = device_index(indices, self.device)
 
         def gather(key: Hashable) -> torch.Tensor:
             t = self.tensors[key]
