@@ -103,6 +103,22 @@ def config_preprocessing(spatial_size=(64, 64, 64), intensity="minmax", projecti
     return Compose(transforms)
 
 
+RAY_FIXED_PORTS = frozenset({6379, 8265, 10001, 52365, *range(10002, 20000)})
+"""Ports a Ray head takes by default besides its GCS port (GCS, dashboard, client server, dashboard agent, workers):
+a GCS port equal to one of them makes ``ray start`` fail with "port ... used by other components"."""
+
+
+def free_ray_head_port() -> int:
+    """A free local port for a Ray head's ``--port``, none of :data:`RAY_FIXED_PORTS` (the operating system's pick
+    can be any free port, 52365 included)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_FIXED_PORTS:
+            return port
+
+
 @contextlib.contextmanager
 def serve_directory(directory: Path, timeout: float = 20.0) -> Iterator[int]:
     """``python -m http.server`` on 127.0.0.1 serving ``directory``; yields the port, always stops the server."""

@@ -18,14 +18,13 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 
 import pytest
 import yaml
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, free_ray_head_port
 from scripts.study.runner import main
 
 SBATCH = BUNDLE_ROOT / "docs" / "cluster" / "slurm_study.sbatch"
@@ -107,9 +106,7 @@ def test_the_slurm_script_runs_the_study_and_a_second_submission_resumes_it(
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (shims / name).write_text(text)
         (shims / name).chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ray_head_port()
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     env = dict(
         os.environ,

@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install -r requirements-ray.txt); CI has it")
 
+from conftest import free_ray_head_port  # noqa: E402
 from scripts.study.cells import StudyContext  # noqa: E402
 from scripts.study.executors import CellPlan, RayExecutor  # noqa: E402
 from scripts.study.matrix import Cell  # noqa: E402
@@ -35,9 +35,7 @@ def gpu_cluster(one_ray_at_a_time, tmp_path_factory):
     """``ray start --head --block`` with 2 CPUs and 2 logical GPUs; yields its address, stops it (SIGTERM) after."""
     if ray.is_initialized():
         ray.shutdown()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ray_head_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     # the same authentication mode as this process (Ray's local instances switch it to tokens by default)
