@@ -353,10 +353,36 @@ def test_study_measurement_pairs_methods_and_recommends_one():
     res = SimpleNamespace(externals=["ext"], records={r["cell"]: r for r in records})
     assert section_for_study(res).startswith("## Site adaptation without labels")
     # without AdaBN scores only the score methods are measured
+    assert "| *labelled best* |" in section and "**Ceiling.** With each draw's labels" in section
     plain = adaptation_results([_record(0, False)], "bench", ["ext"], n_draws=4)
-    assert set(plain["models"][model]["ext@0.5"]) == {"none", "em", "bbse", "mixture"}
+    assert set(plain["models"][model]["ext@0.5"]) == {"none", "em", "bbse", "mixture", "labelled best"}
     assert "AdaBN was not measured" not in adaptation_section(plain)
     assert f"### {model} (1 seed)" in adaptation_section(plain)
+
+
+def test_maximin_point_is_the_best_balanced_threshold_chosen_with_the_labels():
+    from scripts.study.operating import maximin_point
+
+    threshold, sens, spec = maximin_point([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    assert (sens, spec) == (1.0, 1.0) and 0.3 < threshold < 0.6
+    # one PD scan among the HC scores: 4/5 PD and 4/5 HC is the best balance any threshold gives
+    labels = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    scores = [0.1, 0.2, 0.3, 0.4, 0.7, 0.25, 0.6, 0.8, 0.85, 0.9]
+    threshold, sens, spec = maximin_point(labels, scores)
+    assert (sens, spec) == (0.8, 0.8) and 0.4 < threshold < 0.7
+    with pytest.raises(ValueError, match="both PD and HC"):
+        maximin_point([1, 1], [0.2, 0.9])
+
+
+def test_no_plain_method_beats_the_labelled_ceiling_on_any_draw():
+    from scripts.study.adaptation import CEILING, METHODS, evaluate_record
+
+    per_draw = evaluate_record(_record(3, True), "bench", ["ext"], n_draws=6)
+    for rows in per_draw.values():
+        ceiling = np.minimum(rows[CEILING]["sens"], rows[CEILING]["spec"])
+        assert rows[CEILING]["pd_share"] == [None] * 6 and not any(rows[CEILING]["refused"])
+        for method in (m for m in METHODS if not m.startswith("adabn")):  # the ceiling reads the unadapted scores
+            assert np.all(np.minimum(rows[method]["sens"], rows[method]["spec"]) <= ceiling + 1e-12), method
 
 
 def test_site_size_sweep_measures_mixture_on_smaller_and_larger_sites():

@@ -13,7 +13,11 @@ For every external set, every true PD share in :data:`SHARES` and every method i
 * **the measurement**: :data:`N_DRAWS` bootstrap draws of the site (its PD and HC scans resampled with replacement,
   class counts fixed); on each draw every method sees the same scans, without their labels, estimates its
   threshold and is scored (sensitivity, specificity) against the labels. A refused draw keeps the in-domain
-  threshold (what the inference leaves in ``predicted_class``) and is counted as refused.
+  threshold (what the inference leaves in ``predicted_class``) and is counted as refused;
+* **the ceiling** (:data:`CEILING`): on each draw, the threshold with the best ``min(sensitivity, specificity)``
+  chosen *with* the draw's labels (:func:`scripts.study.operating.maximin_point`, on the unadapted scores). No
+  label-free threshold can beat it on average, so it says how much of a shortfall is the method's and how much
+  the model's ranking at that site.
 
 Reported per model (pooled over seeds): mean sensitivity and specificity per method, the paired difference to the
 in-domain threshold with its 95 % interval over the draws (the same draws for both; seed-averaged), the share of
@@ -40,11 +44,13 @@ from typing import Any
 import numpy as np
 from scripts.site_adaptation import MIN_SCANS, SiteAdaptationRefusedError, SourceScores, adapt_scores, parse_methods
 from scripts.study.matrix import DEFAULT_PROJECTION, DEFAULT_VARIANT, Cell
+from scripts.study.operating import maximin_point
 from scripts.study.power import counted
 
 __all__ = [
     "SHARES",
     "METHODS",
+    "CEILING",
     "TARGET",
     "N_DRAWS",
     "share_subset",
@@ -62,6 +68,9 @@ SHARES = (0.2, 0.5, 0.8)
 """True PD shares of the simulated sites."""
 METHODS = ("none", "em", "bbse", "mixture", "adabn", "adabn+em", "adabn+bbse", "adabn+mixture")
 """Methods measured (``none``: the in-domain threshold)."""
+CEILING = "labelled best"
+"""Row name of the ceiling: the best single threshold chosen with each draw's labels (not a method)."""
+ROWS = (*METHODS, CEILING)
 TARGET = 0.90
 """Sensitivity and specificity every method should reach at every set and share."""
 N_DRAWS = 100
@@ -196,7 +205,8 @@ def evaluate_record(
     Returns:
         ``{"<set>@<share>": {method: {"sens": [...], "spec": [...], "refused": [...], "threshold": [...],
         "pd_share": [...]}}}`` with one entry per draw (draw ``b`` uses seed ``b``, the same for every cell and
-        method, so cells and methods pair by draw). AdaBN methods are absent when the record has no AdaBN scores.
+        method, so cells and methods pair by draw), and the :data:`CEILING` row in the same form. AdaBN methods are
+        absent when the record has no AdaBN scores.
     """
     predictions = record["predictions"]
     val = predictions[f"{in_domain}/validation"]
@@ -223,7 +233,7 @@ def evaluate_record(
             pd_idx, hc_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
             if pd_idx.size == 0 or hc_idx.size == 0:
                 continue
-            res = {m: {"sens": [], "spec": [], "refused": [], "threshold": [], "pd_share": []} for m in METHODS}
+            res = {m: {"sens": [], "spec": [], "refused": [], "threshold": [], "pd_share": []} for m in ROWS}
             for b in range(n_draws):
                 rng = np.random.default_rng(b)
                 draw = np.concatenate([rng.choice(pd_idx, pd_idx.size), rng.choice(hc_idx, hc_idx.size)])
@@ -247,6 +257,13 @@ def evaluate_record(
                     r["refused"].append(refused)
                     r["threshold"].append(float(threshold))
                     r["pd_share"].append(share_hat)
+                threshold, sens, spec = maximin_point(yb, plain[draw])
+                ceiling = res[CEILING]
+                ceiling["sens"].append(sens)
+                ceiling["spec"].append(spec)
+                ceiling["refused"].append(False)
+                ceiling["threshold"].append(threshold)
+                ceiling["pd_share"].append(None)
             out[key] = {m: v for m, v in res.items() if v["sens"]}
     return out
 
@@ -276,7 +293,7 @@ def adaptation_results(
     for model, runs in per_model.items():
         table: dict[str, dict] = {}
         for key in runs[0]:
-            methods = [m for m in METHODS if all(m in run.get(key, {}) for run in runs)]
+            methods = [m for m in ROWS if all(m in run.get(key, {}) for run in runs)]
             rows = {}
             for method in methods:
                 sens = np.array([run[key][method]["sens"] for run in runs])  # (seeds, draws)
@@ -432,7 +449,8 @@ def adaptation_section(results: Mapping[str, Any], default_model: str | None = N
         "threshold. Sensitivity / specificity are means over seeds and draws; Δ is the paired difference to *none* "
         "(same draws), mean [95 % interval over draws, seed-averaged]; *target* is the share of draws with both "
         f"≥ {TARGET:.2f}; *refused* the share of draws the method declined (they keep the in-domain threshold); "
-        "*π̂* the mean estimated PD share.",
+        "*π̂* the mean estimated PD share; *labelled best* is not a method but the ceiling: on each draw, the "
+        "threshold with the highest lower of sensitivity and specificity, chosen with the draw's labels.",
     ]
     partial = sorted(
         {key.split("@")[1] for table in models.values() for key, rows in table.items() if "adabn" not in rows}
@@ -450,8 +468,9 @@ def adaptation_section(results: Mapping[str, Any], default_model: str | None = N
             body = [header, "|---|---|---|---|---|---|---|---|"]
             for method, r in rows.items():
                 pi = f"{r['pd_share']:.2f}" if r["pd_share"] is not None else "–"
+                label = f"*{method}*" if method == CEILING else method
                 body.append(
-                    f"| {method} | {pi} | {r['sens']:.3f} | {r['spec']:.3f} | {_ci(r['d_sens'], r['d_sens_ci'])} | "
+                    f"| {label} | {pi} | {r['sens']:.3f} | {r['spec']:.3f} | {_ci(r['d_sens'], r['d_sens_ci'])} | "
                     f"{_ci(r['d_spec'], r['d_spec_ci'])} | {r['meets_target']:.2f} | {r['refused']:.2f} |"
                 )
             lines.append(f"**{name}, true PD share {share}**\n\n" + "\n".join(body))
@@ -473,7 +492,28 @@ def adaptation_section(results: Mapping[str, Any], default_model: str | None = N
             f"set and share (lowest of mean sensitivity and specificity {worst:.3f}); {verdict}. Sensitivity / "
             "specificity per site: " + "; ".join(where) + "."
         )
+        lines.append(ceiling_sentence(models[default_model], worst))
     return "\n\n".join(lines)
+
+
+def ceiling_sentence(table: Mapping[str, Mapping[str, Mapping[str, float]]], worst: float) -> str:
+    """What the :data:`CEILING` rows of one model's ``table`` say about the recommended method's ``worst`` case."""
+    sites = {key: min(rows[CEILING]["sens"], rows[CEILING]["spec"]) for key, rows in table.items() if CEILING in rows}
+    if not sites:
+        return ""
+    key = min(sites, key=sites.get)
+    ceiling = sites[key]
+    reach = (
+        f"even a threshold chosen with the labels misses the target at {key.replace('@', ' at ')} ({ceiling:.3f}), "
+        "so no label-free method can meet it there: the shortfall is the model's ranking at that site"
+        if ceiling < TARGET
+        else f"the gap to the recommended method ({ceiling - worst:+.3f}) is what a better label-free method could "
+        "still win"
+    )
+    return (
+        f"**Ceiling.** With each draw's labels, the best single threshold (*{CEILING}*) reaches a worst case of "
+        f"{ceiling:.3f} over the same sets and shares; {reach}."
+    )
 
 
 def section_for_study(res: Any) -> str:

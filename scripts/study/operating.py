@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from scripts.metrics import metric_rows
 
-__all__ = ["OPERATING_POINTS", "youden_threshold", "prevalence_threshold"]
+__all__ = ["OPERATING_POINTS", "youden_threshold", "prevalence_threshold", "maximin_point"]
 
 OPERATING_POINTS = ("default", "validation", "recalibrated")
 """Names of the operating points (see the module docstring)."""
@@ -95,3 +95,24 @@ def prevalence_threshold(scores: Sequence[float], prevalence: float) -> float:
     if k >= s.size:
         return float(ordered[-1] - pad)
     return float((ordered[k - 1] + ordered[k]) / 2.0)
+
+
+def maximin_point(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float, float]:
+    """``(threshold, sensitivity, specificity)`` of the threshold with the highest ``min(sensitivity,
+    specificity)`` on ``(labels (N,), scores (N,))``, chosen *with* the labels.
+
+    Not an operating point to use: it is the ceiling that no threshold chosen without labels can exceed on these
+    scans (the site-adaptation tables report it beside the label-free methods). Ties: the first best candidate.
+
+    Raises:
+        ValueError: when one class is absent.
+    """
+    y, s = _arrays(labels, scores)
+    if y.all() or not y.any():
+        raise ValueError("the best balanced threshold needs both PD and HC scans.")
+    cands = _candidates(s)
+    rows = np.broadcast_to(s, (cands.size, s.size))
+    sens = metric_rows(y, rows, "sensitivity", cands)
+    spec = metric_rows(y, rows, "specificity", cands)
+    best = int(np.argmax(np.minimum(sens, spec)))
+    return float(cands[best]), float(sens[best]), float(spec[best])
