@@ -262,6 +262,50 @@ def test_a_rerun_skips_every_finished_cell(tiny_study):
     assert (tiny_study["run_dir"] / "results.jsonl").read_bytes() == before
 
 
+def test_add_external_scores_a_finished_study_as_if_the_set_had_been_there(tiny_study, tmp_path):
+    """A copy of the tiny study (moved: its records name the original folder), with av133 taken out of its settings
+    and out of five cells' records, then ``add-external``: those cells get the very scores and metrics they had,
+    the others are left alone, a second call has nothing to do, and a clashing set is refused."""
+    import copy
+
+    run = tmp_path / "moved"
+    shutil.copytree(tiny_study["run_dir"], run, ignore=shutil.ignore_patterns(".lock"))
+    reference = ResultsFile(run / "results.jsonl").read()
+    study = StudyFile(run / "study.json")
+    content = study.read()
+    datalist = content["settings"]["datasets"].pop("av133")
+    study.write(content)
+    stripped = ["baseline-sbr", "baseline-always_pd", "baseline-centres", "teacher-f1-minmax-s0",
+                "student-dynamic_image-kd-fg+lg-f1-tf1-template-minmax-s1"]  # fmt: skip
+    lines = []
+    for name, record in reference.items():
+        record = copy.deepcopy(record)
+        if name in stripped:
+            for part in ("predictions", "metrics", "centres"):
+                record.get(part, {}).pop("av133/test", None)
+        lines.append(json.dumps(record))
+    (run / "results.jsonl").write_text("\n".join(lines) + "\n")
+    out = _run("add-external", str(run), "--external", f"av133={Path(datalist).parent}")
+    assert f"{N_CELLS} finished cells; {len(stripped)} to score on av133." in out and f"[{len(stripped)}/" in out
+    records = ResultsFile(run / "results.jsonl").read()
+    for name in stripped:
+        got, ref = records[name], reference[name]
+        part = "centres" if name == "baseline-centres" else "predictions"
+        assert got[part]["av133/test"] == ref[part]["av133/test"], name
+        assert got.get("metrics") == ref.get("metrics") and got["added_sets"] == ["av133"], name
+    # scored in the moved folder's cell, beside (not over) the run folder the study's own scoring left there
+    assert (run / "cells" / "teacher-f1-minmax-s0" / "eval" / "eval-av133-test-2" / "predictions.csv").is_file()
+    assert not (tiny_study["run_dir"] / "cells" / "teacher-f1-minmax-s0" / "eval" / "eval-av133-test-2").exists()
+    assert study.read()["settings"]["datasets"]["av133"] == datalist
+    assert "add-external" in study.read()["invocations"][-1]["command"]
+    assert "0 to score" in _run("add-external", str(run), "--external", f"av133={Path(datalist).parent}")
+    in_domain, other = next(iter(content["settings"]["datasets"].items()))
+    with pytest.raises(SystemExit, match="already has av133"):
+        main(["add-external", str(run), "--external", f"av133={Path(other).parent}"])
+    with pytest.raises(SystemExit, match="is the study's in-domain set"):
+        main(["add-external", str(run), "--external", f"{in_domain}={Path(datalist).parent}"])
+
+
 def test_results_file_has_every_cell_once_with_its_metrics(tiny_study):
     lines = (tiny_study["run_dir"] / "results.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]

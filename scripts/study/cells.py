@@ -42,7 +42,17 @@ from scripts.metrics import classification_report
 from scripts.study.matrix import Cell
 from scripts.study.operating import prevalence_threshold, youden_threshold
 
-__all__ = ["BUNDLE_ROOT", "StudyContext", "cell_dir", "bundle_command", "run_bundle", "run_cell", "hardware"]
+__all__ = [
+    "BUNDLE_ROOT",
+    "StudyContext",
+    "cell_dir",
+    "bundle_command",
+    "run_bundle",
+    "run_cell",
+    "score_added_sets",
+    "unscored_sets",
+    "hardware",
+]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = {"teacher": "train_teacher.json", "student": "distill.json"}
@@ -331,10 +341,43 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
         record["teacher_checkpoint"] = overrides["teacher_ckpt"]
 
     start = time.perf_counter()
+    record["predictions"] = score_network(ctx, cell, checkpoint, overrides, record["commands"], ctx.eval_sets())
+    record["seconds"]["evaluate"] = time.perf_counter() - start
+    record["thresholds"], record["metrics"] = operating_metrics(ctx, record["predictions"], 0.5)
+    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, measures_adabn
+
+    if measures_adabn(ctx, cell):  # the external sets re-scored after AdaBN (site adaptation)
+        start = time.perf_counter()
+        record[ADAPTED_KEY] = adabn_predictions(ctx, cell, checkpoint)
+        gc.collect()
+        record["seconds"]["adabn"] = time.perf_counter() - start
+
+
+def _free_run_name(eval_dir: Path, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... when an earlier (interrupted) scoring left that run folder: a run never
+    writes into another run's folder (:func:`scripts.runs.claim_run_folder`)."""
+    name, k = base, 1
+    while (eval_dir / name).exists():
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
+def score_network(
+    ctx: StudyContext,
+    cell: Cell,
+    checkpoint: Path,
+    overrides: Mapping[str, object],
+    commands: list[str],
+    sets: list[tuple[str, str]],
+) -> dict[str, dict]:
+    """Score ``checkpoint`` on every ``(set name, split)`` of ``sets`` through ``configs/evaluate.json`` (the
+    equivalent command lines appended to ``commands``); ``{"<set>/<split>": {"files", "labels", "scores"}}``."""
+    config = TRAIN_CONFIG[cell.kind]
     predictions = {}
-    for name, split in ctx.eval_sets():
+    for name, split in sets:
         datalist = ctx.datasets[name]
-        run_name = f"eval-{name}-{split}"
+        run_name = _free_run_name(cell_dir(ctx.run_dir, cell) / "eval", f"eval-{name}-{split}")
         evaluation = {
             **overrides,
             "run_name": run_name,
@@ -349,51 +392,42 @@ def _run_network_cell(ctx: StudyContext, cell: Cell, record: dict) -> None:
                 "shared_dir": volumes_dir(ctx),
             },
         }
-        record["commands"].append(bundle_command([config, "evaluate.json"], None, evaluation))
+        commands.append(bundle_command([config, "evaluate.json"], None, evaluation))
         run_bundle([config, "evaluate.json"], "run", evaluation, "infer")
         gc.collect()
         predictions[f"{name}/{split}"] = _predictions(cell_dir(ctx.run_dir, cell) / "eval" / run_name, datalist, split)
-    record["seconds"]["evaluate"] = time.perf_counter() - start
-    record["predictions"] = predictions
-    record["thresholds"], record["metrics"] = operating_metrics(ctx, predictions, 0.5)
-    from scripts.study.adaptation import ADAPTED_KEY, adabn_predictions, measures_adabn
-
-    if measures_adabn(ctx, cell):  # the external sets re-scored after AdaBN (site adaptation)
-        start = time.perf_counter()
-        record[ADAPTED_KEY] = adabn_predictions(ctx, cell, checkpoint)
-        gc.collect()
-        record["seconds"]["adabn"] = time.perf_counter() - start
+    return predictions
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # baseline cells
 # ----------------------------------------------------------------------------------------------------------------
-def _run_sbr(ctx: StudyContext, record: dict) -> None:
+# Each runner scores the ``(set name, split)`` pairs it is given, adds them to the record's predictions (or
+# centres) and recomputes the metrics of every set the record holds.
+def _run_sbr(ctx: StudyContext, record: dict, sets: list[tuple[str, str]]) -> None:
     from scripts.sbr import SBRThresholdClassifier, datalist_sbr
 
     start = time.perf_counter()
     entries, feats = datalist_sbr(ctx.datasets[ctx.in_domain], "training")
     clf = SBRThresholdClassifier().fit([f["lowest_putamen"] for f in feats], [e["label"] for e in entries])
-    predictions = {}
-    for name, split in ctx.eval_sets():
+    predictions = record.setdefault("predictions", {})
+    for name, split in sets:
         entries, feats = datalist_sbr(ctx.datasets[name], split)
         predictions[f"{name}/{split}"] = _scored(entries, list(clf.pd_score([f["lowest_putamen"] for f in feats])))
     record["sbr_threshold"] = clf.threshold
-    record["predictions"] = predictions
     record["thresholds"], record["metrics"] = operating_metrics(ctx, predictions, -clf.threshold)
-    record["seconds"]["evaluate"] = time.perf_counter() - start
+    record["seconds"]["evaluate"] = record["seconds"].get("evaluate", 0.0) + time.perf_counter() - start
 
 
-def _run_always_pd(ctx: StudyContext, record: dict) -> None:
-    predictions = {}
-    for name, split in ctx.eval_sets():
+def _run_always_pd(ctx: StudyContext, record: dict, sets: list[tuple[str, str]]) -> None:
+    predictions = record.setdefault("predictions", {})
+    for name, split in sets:
         entries = load_datalist(ctx.datasets[name], split)
         predictions[f"{name}/{split}"] = _scored(entries, [1.0] * len(entries))
-    record["predictions"] = predictions
     record["thresholds"], record["metrics"] = operating_metrics(ctx, predictions, 0.5, fixed=True)
 
 
-def _run_centres(ctx: StudyContext, record: dict) -> None:
+def _run_centres(ctx: StudyContext, record: dict, sets: list[tuple[str, str]]) -> None:
     """The centre slice of every view under ``slice_centre: auto`` and ``template``, for every scored scan."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
@@ -407,8 +441,8 @@ def _run_centres(ctx: StudyContext, record: dict) -> None:
     num_slices = int(parser.get_parsed_content("num_slices"))
     finders = {c: AdjacentSlices(VIEWS, centre=c, num_slices=num_slices) for c in ("auto", "template")}
     start = time.perf_counter()
-    centres = {}
-    for name, split in ctx.eval_sets():
+    centres = record.setdefault("centres", {})
+    for name, split in sets:
         entries = load_datalist(ctx.datasets[name], split)
         rows = {c: {v: [] for v in VIEWS} for c in finders}
         for entry in entries:
@@ -423,8 +457,7 @@ def _run_centres(ctx: StudyContext, record: dict) -> None:
             "labels": scored["labels"],
             **{c: {v: [rows[c][v][i] for i in order] for v in VIEWS} for c in finders},
         }
-    record["centres"] = centres
-    record["seconds"]["evaluate"] = time.perf_counter() - start
+    record["seconds"]["evaluate"] = record["seconds"].get("evaluate", 0.0) + time.perf_counter() - start
 
 
 BASELINE_RUNNERS = {"sbr": _run_sbr, "always_pd": _run_always_pd, "centres": _run_centres}
@@ -453,10 +486,48 @@ def run_cell(ctx: StudyContext, cell: Cell) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     with log_to(folder / "log.txt"):
         if cell.kind == "baseline":
-            BASELINE_RUNNERS[cell.baseline](ctx, record)
+            BASELINE_RUNNERS[cell.baseline](ctx, record, ctx.eval_sets())
         else:
             _run_network_cell(ctx, cell, record)
     record["seconds"]["total"] = time.perf_counter() - wall
     record["cpu_seconds"] = time.process_time() - cpu
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return record
+
+
+_FOLDER_OVERRIDES = ("bundle_root", "shared_cache_dir", "teacher_ckpt")
+"""Overrides that name places in the study folder: taken from where the folder is now, the others from the record."""
+
+
+def unscored_sets(record: Mapping, names: list[str]) -> list[str]:
+    """The external sets of ``names`` whose test split ``record`` has not scored yet."""
+    scored = record.get("centres") if record.get("axes", {}).get("baseline") == "centres" else record.get("predictions")
+    return [n for n in names if f"{n}/test" not in (scored or {})]
+
+
+def score_added_sets(ctx: StudyContext, record: dict, names: list[str]) -> dict:
+    """Score a finished cell's ``record`` on the external sets ``names`` (test splits) added to its study after it
+    ran (``python -m scripts.study add-external``), with the cell's own best checkpoint and config overrides (the
+    ones naming places in the study folder taken from where it is now);
+    returns the record with those sets' predictions and every set's metrics. Logs go to the cell's ``log.txt``.
+
+    Raises:
+        RuntimeError: when a network cell's best checkpoint is no longer on disk.
+    """
+    cell = Cell.from_dict(record["axes"])
+    sets = [(name, "test") for name in names]
+    start = time.perf_counter()
+    with log_to(cell_dir(ctx.run_dir, cell) / "log.txt"):
+        if cell.kind == "baseline":
+            BASELINE_RUNNERS[cell.baseline](ctx, record, sets)
+        else:
+            checkpoint = best_checkpoint(ctx.run_dir, cell)  # where the folder is now (it may have been moved)
+            if not checkpoint.is_file():
+                raise RuntimeError(f"{cell.name}: its best checkpoint {checkpoint} is no longer on disk.")
+            here = {k: v for k, v in network_overrides(ctx, cell).items() if k in _FOLDER_OVERRIDES}
+            added = score_network(ctx, cell, checkpoint, {**record["overrides"], **here}, record["commands"], sets)
+            record["predictions"].update(added)
+            record["thresholds"], record["metrics"] = operating_metrics(ctx, record["predictions"], 0.5)
+    record["seconds"]["added_sets"] = record["seconds"].get("added_sets", 0.0) + time.perf_counter() - start
+    record.setdefault("added_sets", []).extend(names)
     return record

@@ -776,6 +776,10 @@ def write_report(
             "MDE: the smallest KD − no-KD difference this many seeds and test scans detect with 80 % power "
             "(`scripts/study/power.py`).\n\n" + _low_data(b, key) + fig("low_data.png", "low-data curves")
         )
+        for ext in res.externals:  # the same models applied unchanged to each external set
+            parts.append(
+                f"**On {ext}** (test split; every model applied unchanged):\n\n" + _low_data(b, res.test_key(ext))
+            )
     if res.externals:
         parts.append(
             "## External and shifted test sets\n\n"

@@ -12,6 +12,7 @@
                                                 [--cpus-per-task C]]
     python -m scripts.study report RUN_DIR [--out docs/results.md] [--figures docs/figures] [--no-figures]
                                    [--title TEXT] [--preface FILE] [--tables README.md docs/README.md]
+    python -m scripts.study add-external RUN_DIR --external NAME=DIR [...] [--prevalence NAME=P ...]
     python -m scripts.study list --matrix cpu
 
 ``run`` (the default sub-command) builds the matrix (:mod:`scripts.study.matrix`), prepares the data (the
@@ -63,7 +64,7 @@ from scripts.study.matrix import (
 from scripts.study.power import counted
 from scripts.study.results import ResultsFile, SettingsMismatchError, StudyFile
 
-__all__ = ["main", "prepare_data", "context_from_study"]
+__all__ = ["main", "prepare_data", "context_from_study", "datalist_path", "exclusive"]
 
 
 def _parse_value(text: str) -> object:
@@ -84,7 +85,9 @@ def _pairs(items: Sequence[str], option: str, parser: argparse.ArgumentParser) -
     return out
 
 
-def _datalist_path(path: str, option: str) -> str:
+def datalist_path(path: str, option: str) -> str:
+    """The absolute datalist of ``path`` (a data folder holding ``datalist.json``, or the file); exits naming
+    ``option`` when there is none."""
     p = Path(path).expanduser().resolve()
     if p.is_dir():
         p = p / "datalist.json"
@@ -115,9 +118,9 @@ def synthetic_study_data(root: Path, n_subjects: int | dict[str, int] | None, wo
 
 def prepare_data(args: argparse.Namespace, run_dir: Path, n_subjects: int | dict[str, int] | None) -> dict[str, str]:
     """``{name: datalist}``: ``--dataset-dir`` (or the synthetic sets) and every ``--external NAME=DIR``."""
-    externals = {k: _datalist_path(v, "--external") for k, v in args.external.items()}
+    externals = {k: datalist_path(v, "--external") for k, v in args.external.items()}
     if args.dataset_dir:
-        data = {args.dataset_name: _datalist_path(args.dataset_dir, "--dataset-dir")}
+        data = {args.dataset_name: datalist_path(args.dataset_dir, "--dataset-dir")}
     else:
         data = synthetic_study_data(run_dir / "data", n_subjects)
     clash = set(externals) & set(data)
@@ -490,7 +493,7 @@ def _add_matrix_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("run", "report", "list", "cell")
+    commands = ("run", "report", "add-external", "list", "cell")
     if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
     parser = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n")[0])
@@ -555,6 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also fill the results block of these files (e.g. README.md docs/README.md); none by default",
     )
 
+    add = sub.add_parser("add-external", help="score a finished study's cells on more external sets")
+    add.add_argument("run_dir")
+    add.add_argument("--external", action="append", required=True, metavar="NAME=DIR", help="external test set")
+    add.add_argument("--prevalence", action="append", default=[], metavar="NAME=P", help="assumed PD prevalence")
+
     lst = sub.add_parser("list", help="list the cells of a matrix")
     _add_matrix_options(lst)
 
@@ -572,18 +580,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dry_run, args.run_dir, args.jobs, args.executor, args.subprocess = True, None, 1, "local", False
         args.max_cells = args.ray_address = args.gpus_per_teacher = args.gpus_per_student = args.cpus_per_task = None
         return cmd_run(args, parser)
-    args.external = _pairs(args.external, "--external", parser)
-    for name in args.external:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            parser.error(
-                f"--external {name}=...: a set's name has letters, digits, '_', '.', '-' only (it names folders)."
-            )
+    _check_sets(args, parser)
+    if args.command == "add-external":
+        from scripts.study.added_sets import cmd_add_external
+
+        return cmd_add_external(args)
     try:  # parsed as python-fire would, checked and normalised as the configs' options are
         args.set = check_overrides({k: _parse_value(v) for k, v in _pairs(args.set, "--set", parser).items()})
         if args.no_shared_volumes:
             args.set["shared_cache_dir"] = ""  # read by scripts.study.cells.volumes_dir
     except OptionError as e:
         parser.error(str(e))
+    return cmd_run(args, parser)
+
+
+def _check_sets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Parse ``--external NAME=DIR`` and ``--prevalence NAME=P`` into dictionaries, or exit with a usage error."""
+    args.external = _pairs(args.external, "--external", parser)
+    for name in args.external:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            parser.error(
+                f"--external {name}=...: a set's name has letters, digits, '_', '.', '-' only (it names folders)."
+            )
     args.prevalence = _pairs(args.prevalence, "--prevalence", parser)
     for name, value in args.prevalence.items():
         try:
@@ -591,7 +609,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError
         except ValueError:
             parser.error(f"--prevalence {name}={value}: expected a number in [0, 1].")
-    return cmd_run(args, parser)
 
 
 if __name__ == "__main__":
