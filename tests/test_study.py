@@ -265,8 +265,11 @@ def test_a_rerun_skips_every_finished_cell(tiny_study):
 def test_add_external_scores_a_finished_study_as_if_the_set_had_been_there(tiny_study, tmp_path):
     """A copy of the tiny study (moved: its records name the original folder), with av133 taken out of its settings
     and out of five cells' records, then ``add-external``: those cells get the very scores and metrics they had,
-    the others are left alone, a second call has nothing to do, and a clashing set is refused."""
+    the others are left alone, a second call has nothing to do; a clashing, unreadable or split-less set is
+    refused in one line and leaves the study as it was."""
     import copy
+
+    from scripts.data import load_datalist
 
     run = tmp_path / "moved"
     shutil.copytree(tiny_study["run_dir"], run, ignore=shutil.ignore_patterns(".lock"))
@@ -304,6 +307,18 @@ def test_add_external_scores_a_finished_study_as_if_the_set_had_been_there(tiny_
         main(["add-external", str(run), "--external", f"av133={Path(other).parent}"])
     with pytest.raises(SystemExit, match="is the study's in-domain set"):
         main(["add-external", str(run), "--external", f"{in_domain}={Path(datalist).parent}"])
+    # a set that cannot be scored leaves the study as it was, with one line naming the file and the problem
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(datalist).parent, broken)
+    scan = broken / load_datalist(str(broken / "datalist.json"), "test")[0]["image"]
+    scan.write_bytes(scan.read_bytes()[:200])  # a truncated gzip stream
+    before = (run / "study.json").read_text(), (run / "results.jsonl").read_text()
+    with pytest.raises(SystemExit, match=f"cannot read image {scan}"):
+        main(["add-external", str(run), "--external", f"broken={broken}"])
+    (broken / "datalist.json").write_text(json.dumps({"training": []}))
+    with pytest.raises(SystemExit, match="--external broken: .* has no list named 'test'"):
+        main(["add-external", str(run), "--external", f"broken={broken}"])
+    assert ((run / "study.json").read_text(), (run / "results.jsonl").read_text()) == before
 
 
 def test_results_file_has_every_cell_once_with_its_metrics(tiny_study):

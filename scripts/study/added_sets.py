@@ -5,12 +5,13 @@ sets it did not have.
 
 A study's data sets are part of its settings (``study.json``), so ``run`` refuses a folder made with other ones:
 new cells would not be comparable. An external set is different: every cell applies its finished best checkpoint
-to it unchanged, nothing is trained, and the in-domain results stay as they were. This command adds the sets to
-``study.json`` (with the command in its ``invocations``), then scores every finished cell on each set's ``test``
-split with the cell's own checkpoint and config overrides (:func:`scripts.study.cells.score_added_sets`: the
-same ``configs/evaluate.json`` run a cell does at the end of its training; the SBR baseline with the threshold it
-fitted on the training split), appending each updated record to ``results.jsonl``. Interrupted, it resumes where it
-stopped (a cell that has the set is skipped); ``report`` then writes the report with the sets.
+to it unchanged, nothing is trained, and the in-domain results stay as they were. This command scores every
+finished cell on each set's ``test`` split with the cell's own checkpoint and config overrides
+(:func:`scripts.study.cells.score_added_sets`: the same ``configs/evaluate.json`` run a cell does at the end of its
+training; the SBR baseline with the threshold it fitted on the training split), appending each updated record to
+``results.jsonl``, and lists the sets in ``study.json`` (this command among its ``invocations``) once every cell
+has been through. Interrupted, or stopped by a scan that cannot be read, it goes on where it stopped when run again
+(a cell that has the set is skipped); ``report`` then writes the report with the sets.
 
 To resume the study itself afterwards (more seeds, say), give ``run`` the same ``--external`` options, as if
 the sets had been there from the start.
@@ -24,15 +25,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from scripts.study.cells import score_added_sets, unscored_sets
+from scripts.data import load_datalist
+from scripts.errors import InputError
+from scripts.study.cells import cell_dir, score_added_sets, unscored_sets
+from scripts.study.matrix import Cell
 from scripts.study.results import ResultsFile, StudyFile
 
 __all__ = ["cmd_add_external"]
 
 
-def _register(run_dir: Path, externals: dict[str, str], prevalence: dict[str, str], argv: list[str]) -> list[str]:
-    """Add ``externals`` (``{name: datalist}``) and their assumed prevalences to ``study.json``; the names."""
-    study = StudyFile(run_dir / "study.json")
+def _with_sets(study: StudyFile, externals: dict[str, str], prevalence: dict[str, str], argv: list[str]) -> dict:
+    """The content of ``study`` with ``externals`` (``{name: datalist}``), their assumed prevalences and this
+    command's invocation added (not written); exits when a set clashes with the study's own."""
+    run_dir = study.path.parent
     content = study.read()
     if content is None:
         raise SystemExit(f"error: {run_dir} holds no study.json; start the study with `python -m scripts.study run`.")
@@ -54,8 +59,7 @@ def _register(run_dir: Path, externals: dict[str, str], prevalence: dict[str, st
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "scripts.study", *argv])
     content.setdefault("invocations", []).append({"command": command, "started": started})
-    study.write(content)
-    return list(externals)
+    return content
 
 
 def cmd_add_external(args: argparse.Namespace) -> int:
@@ -66,9 +70,17 @@ def cmd_add_external(args: argparse.Namespace) -> int:
     if not (run_dir / "study.json").is_file():
         raise SystemExit(f"error: {run_dir} holds no study.json; start the study with `python -m scripts.study run`.")
     externals = {name: datalist_path(path, "--external") for name, path in args.external.items()}
+    for name, path in externals.items():  # every entry checked before the study is touched
+        try:
+            if not load_datalist(path, "test"):
+                raise InputError(f"datalist file {path} has an empty 'test' list: nothing to score.")
+        except InputError as e:
+            raise SystemExit(f"error: --external {name}: {e}") from None
     with exclusive(run_dir):
-        names = _register(run_dir, externals, args.prevalence, args.argv)
+        study = StudyFile(run_dir / "study.json")
+        content, names = _with_sets(study, externals, args.prevalence, args.argv), list(externals)
         ctx = context_from_study(run_dir)
+        ctx.datasets, ctx.prevalence = content["settings"]["datasets"], content["settings"]["prevalence"]
         results = ResultsFile(run_dir / "results.jsonl")
         records = results.read()
         todo = [r for r in records.values() if unscored_sets(r, names)]
@@ -79,11 +91,19 @@ def cmd_add_external(args: argparse.Namespace) -> int:
             missing = unscored_sets(record, names)
             try:
                 results.append(score_added_sets(ctx, record, missing))
-            except RuntimeError as e:
+            except RuntimeError as e:  # this cell's checkpoint is gone: the others can still be scored
                 failed.append(str(e))
-                print(f"[{i}/{len(todo)}] {record['cell']}: not scored ({e})", flush=True)
+                print(f"[{i}/{len(todo)}] not scored: {e}", flush=True)
                 continue
+            except Exception as e:  # a scan the set's datalist names cannot be scored: every cell would fail
+                log = cell_dir(run_dir, Cell.from_dict(record["axes"])) / "log.txt"
+                raise SystemExit(
+                    f"error: scoring {record['cell']} on {', '.join(missing)}: {e} (traceback in {log}). The {i - 1} "
+                    "cell(s) scored before keep their scores (the study lists the set once every cell has it); "
+                    "correct the set and run the same command to go on."
+                ) from None
             print(f"[{i}/{len(todo)}] {record['cell']}: {', '.join(missing)} ({time.perf_counter() - start:.0f} s)")
+        study.write(content)  # the report shows the sets from now on
     if failed:
         print(f"error: {len(failed)} cell(s) could not be scored; their records keep the sets they had.")
         return 1

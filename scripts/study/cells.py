@@ -495,6 +495,16 @@ def run_cell(ctx: StudyContext, cell: Cell) -> dict:
     return record
 
 
+@contextlib.contextmanager
+def _logged_failure(name: str) -> Iterator[None]:
+    """Write the traceback of an exception leaving the block to the log (the cell's ``log.txt``), then re-raise."""
+    try:
+        yield
+    except Exception:
+        logging.getLogger(__name__).exception("%s: scoring failed", name)
+        raise
+
+
 _FOLDER_OVERRIDES = ("bundle_root", "shared_cache_dir", "teacher_ckpt")
 """Overrides that name places in the study folder: taken from where the folder is now, the others from the record."""
 
@@ -517,7 +527,7 @@ def score_added_sets(ctx: StudyContext, record: dict, names: list[str]) -> dict:
     cell = Cell.from_dict(record["axes"])
     sets = [(name, "test") for name in names]
     start = time.perf_counter()
-    with log_to(cell_dir(ctx.run_dir, cell) / "log.txt"):
+    with log_to(cell_dir(ctx.run_dir, cell) / "log.txt"), _logged_failure(cell.name):
         if cell.kind == "baseline":
             BASELINE_RUNNERS[cell.baseline](ctx, record, sets)
         else:
