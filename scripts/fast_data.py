@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "cached_dataset",
+    "entry_hashing",
     "PreprocessedOnce",
     "StackedCache",
     "DeferredBatch",
@@ -58,14 +59,48 @@ __all__ = [
 FILENAME = "filename_or_obj"
 
 
+def _file_stamps(value: Any, stamps: dict[str, Any]) -> None:
+    if isinstance(value, Mapping):
+        for v in value.values():
+            _file_stamps(v, stamps)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _file_stamps(v, stamps)
+    elif isinstance(value, (str, os.PathLike)):
+        try:
+            st = os.stat(value)
+            if os.path.isdir(value):  # a DICOM series: every file in it
+                stamps[str(value)] = sorted(
+                    (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(value) if e.is_file()
+                )
+            else:
+                stamps[str(value)] = (st.st_size, st.st_mtime_ns)
+        except (OSError, ValueError):  # not a path (a label, a subject id) or not there
+            pass
+
+
+def entry_hashing(entry: Any) -> bytes:
+    """``hash_func`` of the bundle's ``PersistentDataset`` stores: the hash of a datalist entry *and* of the files
+    it names (size and modification time of each file; of each file in a folder, for a DICOM series).
+
+    MONAI's default (``pickle_hashing``) hashes the entry only, so a scan replaced at the same path (a data set
+    generated again, a corrected export) would be served from its stale cache file. With this key it gets a new
+    one; an unchanged file keeps its key. Cost: one ``stat`` per file named (a folder listing per series).
+    """
+    stamps: dict[str, Any] = {}
+    _file_stamps(entry, stamps)
+    return pickle_hashing({"entry": entry, "files": stamps})
+
+
 class PreprocessedOnce(Transform):
     """The deterministic ``transform`` of a datalist entry, computed once and kept on disk for every later run.
 
     A MONAI ``PersistentDataset`` store: the result for an entry is written to ``cache_dir`` as one ``.pt`` file
-    named by the hash of the entry and of the transforms with their settings, and read back by any run (any
-    process) that applies the same transforms to the same entry. Runs that share a folder (the cells of a study)
-    therefore decode, resample and normalise each scan once per preprocessing chain; another grid, intensity mode
-    or projection is another chain, hence other files, never stale ones.
+    named by the hash of the entry, of the files it names (:func:`entry_hashing`) and of the transforms with
+    their settings, and read back by any run (any process) that applies the same transforms to the same entry.
+    Runs that share a folder (the cells of a study) therefore decode, resample and normalise each scan once per
+    preprocessing chain; another grid, intensity mode or projection is another chain, and a scan rewritten at the
+    same path another file: other cache files, never stale ones.
 
     Args:
         transform: deterministic transforms (no random part).
@@ -78,6 +113,7 @@ class PreprocessedOnce(Transform):
             data=[],
             transform=transform,
             cache_dir=cache_dir,
+            hash_func=entry_hashing,
             hash_transform=pickle_hashing,
             track_meta=True,  # MetaTensors with their metadata (file names key the teacher-output cache)
             weights_only=False,  # MetaTensors are not plain weights; the files are the study's own
@@ -106,8 +142,9 @@ def cached_dataset(
         cache_dir: when given (non-empty), a ``PersistentDataset`` instead: the deterministic part of the
             preprocessing is written once per scan to this folder (one ``.pt`` file each, about 1 MB per scan at
             64³) and read back every epoch, so the memory needed no longer grows with the number of scans. A file
-            name is the hash of the datalist entry and of the deterministic transforms with their settings, so runs
-            with another grid, projection or intensity mode write their own files into the same folder.
+            name is the hash of the datalist entry, of the files it names and of the deterministic transforms with
+            their settings (:func:`entry_hashing`), so runs with another grid, projection or intensity mode, and a
+            scan rewritten at the same path, get their own files in the same folder.
         progress: show a progress bar while the in-memory cache fills.
         shared_dir: (in-memory cache only) the deterministic part of the preprocessing of each scan is read from
             this folder when another run already computed it with the same transforms, else computed and written
@@ -115,7 +152,9 @@ def cached_dataset(
     """
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+        return PersistentDataset(
+            data=data, transform=transform, cache_dir=cache_dir, hash_func=entry_hashing, hash_transform=pickle_hashing
+        )
     if shared_dir and isinstance(transform, Compose):
         first = transform.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
         steps = list(transform.transforms)

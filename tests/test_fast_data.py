@@ -134,6 +134,32 @@ def test_disk_cache_is_a_persistent_dataset_keyed_by_entry_and_transform(tmp_pat
     assert isinstance(cached_dataset(entries, Compose([LoadScand(keys="image", allow_nonstandard=True)])), CacheDataset)
 
 
+@pytest.mark.parametrize("store", ["cache_dir", "shared_dir"])
+def test_a_scan_rewritten_at_the_same_path_is_not_served_from_its_stale_cache_file(tmp_path, store):
+    """Both disk stores (a training run's ``--cache_dir``, a study's shared volumes) key a scan by its file too:
+    the same path with new content (a data set generated again) is read again; an unchanged file is not."""
+    import os
+
+    import numpy as np
+    from conftest import write_nifti
+    from scripts.transforms import LoadScand
+
+    path = tmp_path / "scan.nii.gz"
+    entries = [{"image": str(write_nifti(path, np.zeros((9, 9, 9)))), "label": 0}]
+
+    def first_voxel() -> float:  # a run: its transforms built afresh, as a config builds them
+        load = Compose([LoadScand(keys="image", allow_nonstandard=True)])
+        return float(cached_dataset(entries, load, **{store: tmp_path / "store"})[0]["image"].reshape(-1)[0])
+
+    assert first_voxel() == 0.0 and first_voxel() == 0.0
+    assert len(list((tmp_path / "store").glob("*.pt"))) == 1  # read back, not written again
+    stamp = os.stat(path).st_mtime_ns
+    write_nifti(path, np.ones((9, 9, 9)))
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # a later modification time, whatever the file system's clock
+    assert first_voxel() == 1.0
+    assert len(list((tmp_path / "store").glob("*.pt"))) == 2
+
+
 def test_plain_tensor_batch_strips_metadata_but_not_values():
     image = MetaTensor(torch.arange(8.0).reshape(2, 1, 2, 2), meta={"filename_or_obj": ["a", "b"]})
     batch = {"image": image, "label": torch.tensor([0, 1]), "image_3d": image}
