@@ -32,6 +32,7 @@ import ctypes
 import functools
 import logging
 import os
+import stat
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -69,10 +70,9 @@ def _file_stamps(value: Any, stamps: dict[str, Any]) -> None:
     elif isinstance(value, (str, os.PathLike)):
         try:
             st = os.stat(value)
-            if os.path.isdir(value):  # a DICOM series: every file in it
-                stamps[str(value)] = sorted(
-                    (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(value) if e.is_file()
-                )
+            if stat.S_ISDIR(st.st_mode):  # a DICOM series: every file in it
+                files = [(e.name, e.stat()) for e in os.scandir(value) if e.is_file()]
+                stamps[str(value)] = sorted((name, s.st_size, s.st_mtime_ns) for name, s in files)
             else:
                 stamps[str(value)] = (st.st_size, st.st_mtime_ns)
         except (OSError, ValueError):  # not a path (a label, a subject id) or not there

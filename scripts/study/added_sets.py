@@ -37,10 +37,7 @@ __all__ = ["cmd_add_external"]
 def _with_sets(study: StudyFile, externals: dict[str, str], prevalence: dict[str, str], argv: list[str]) -> dict:
     """The content of ``study`` with ``externals`` (``{name: datalist}``), their assumed prevalences and this
     command's invocation added (not written); exits when a set clashes with the study's own."""
-    run_dir = study.path.parent
     content = study.read()
-    if content is None:
-        raise SystemExit(f"error: {run_dir} holds no study.json; start the study with `python -m scripts.study run`.")
     settings = content["settings"]
     datasets, known = settings["datasets"], settings.setdefault("prevalence", {})
     in_domain = next(iter(datasets))
@@ -67,8 +64,7 @@ def cmd_add_external(args: argparse.Namespace) -> int:
     from scripts.study.runner import context_from_study, datalist_path, exclusive
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "study.json").is_file():
-        raise SystemExit(f"error: {run_dir} holds no study.json; start the study with `python -m scripts.study run`.")
+    ctx = context_from_study(run_dir)  # exits when the folder holds no study
     externals = {name: datalist_path(path, "--external") for name, path in args.external.items()}
     for name, path in externals.items():  # every entry checked before the study is touched
         try:
@@ -79,7 +75,6 @@ def cmd_add_external(args: argparse.Namespace) -> int:
     with exclusive(run_dir):
         study = StudyFile(run_dir / "study.json")
         content, names = _with_sets(study, externals, args.prevalence, args.argv), list(externals)
-        ctx = context_from_study(run_dir)
         ctx.datasets, ctx.prevalence = content["settings"]["datasets"], content["settings"]["prevalence"]
         results = ResultsFile(run_dir / "results.jsonl")
         records = results.read()

@@ -408,8 +408,11 @@ def _run_sbr(ctx: StudyContext, record: dict, sets: list[tuple[str, str]]) -> No
     from scripts.sbr import SBRThresholdClassifier, datalist_sbr
 
     start = time.perf_counter()
-    entries, feats = datalist_sbr(ctx.datasets[ctx.in_domain], "training")
-    clf = SBRThresholdClassifier().fit([f["lowest_putamen"] for f in feats], [e["label"] for e in entries])
+    if "sbr_threshold" in record:  # fitted when the cell ran (a set added later): not read and fitted again
+        clf = SBRThresholdClassifier(record["sbr_threshold"])
+    else:
+        entries, feats = datalist_sbr(ctx.datasets[ctx.in_domain], "training")
+        clf = SBRThresholdClassifier().fit([f["lowest_putamen"] for f in feats], [e["label"] for e in entries])
     predictions = record.setdefault("predictions", {})
     for name, split in sets:
         entries, feats = datalist_sbr(ctx.datasets[name], split)
